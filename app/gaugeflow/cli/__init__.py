@@ -1,0 +1,1 @@
+"""The ``gaugeflow`` command: one Hydra app per job."""

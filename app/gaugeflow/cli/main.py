@@ -1,0 +1,37 @@
+"""``gaugeflow <job> [key=value ...]``: the first word picks the job, the rest goes to Hydra."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+JOBS = {
+    "hmc": ("gaugeflow.cli.hmc", "generate an ensemble with Hybrid Monte Carlo"),
+}
+
+USAGE = "usage: gaugeflow <job> [key=value ...] [group=option ...] [--help]\n\njobs:\n" + "\n".join(
+    f"  {name:<10} {doc}" for name, (_, doc) in JOBS.items()
+) + "\n\n`gaugeflow <job> --help` lists the job's config groups and keys; `--cfg job` prints the composed config."
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from gaugeflow import __version__
+
+        print(f"gaugeflow {__version__}")
+        sys.exit(0)
+    job = argv[0]
+    if job not in JOBS:
+        print(f"gaugeflow: unknown job {job!r}; choose one of {', '.join(JOBS)}", file=sys.stderr)
+        sys.exit(2)
+    # Hydra parses sys.argv itself; it names the job after argv[0]
+    sys.argv = [f"gaugeflow-{job}", *argv[1:]]
+    importlib.import_module(JOBS[job][0]).main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

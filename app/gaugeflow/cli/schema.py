@@ -1,0 +1,82 @@
+"""Typed schemas of the job configs (Hydra ConfigStore).
+
+A misspelt key or a value of the wrong type fails while Hydra composes the
+config, with Hydra's message naming the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class TheoryHMCDefaults:
+    """Per-theory HMC settings tuned for 70-90 % acceptance on the default lattice."""
+
+    n_steps: int = 10
+    traj_length: float = 1.0
+    integrator: str = "omelyan"
+    start: str = "hot"
+
+
+@dataclass
+class TheoryConf:
+    name: str = MISSING
+    kind: str = MISSING  # gauge | phi4
+    dim: int = MISSING
+    default_shape: List[int] = MISSING
+    # gauge theories
+    group: Optional[str] = None
+    beta: Optional[float] = None
+    action: str = "wilson"  # wilson | symanzik | iwasaki | dbw2
+    c1: Optional[float] = None  # explicit rectangle coefficient, overrides `action`
+    # phi^4: standard (m2, lam) or hopping (kappa, lam_tilde) form
+    form: str = "standard"
+    m2: Optional[float] = None
+    lam: Optional[float] = None
+    kappa: Optional[float] = None
+    lam_tilde: Optional[float] = None
+    hmc: TheoryHMCDefaults = field(default_factory=TheoryHMCDefaults)
+
+
+@dataclass
+class LatticeConf:
+    shape: List[int] = MISSING
+
+
+@dataclass
+class HMCConf:
+    n_traj: int = 100
+    n_therm: int = 20
+    n_steps: int = 10
+    traj_length: float = 1.0
+    integrator: str = "omelyan"  # leapfrog | omelyan
+    force: str = "analytic"  # analytic | autograd
+    start: str = "hot"  # hot | cold
+    save_every: int = 1
+    max_time: Optional[str] = None  # seconds or HH:MM:SS
+    continue_from: Optional[str] = None  # ensemble file whose last configuration starts the chain
+    flow_time: float = 0.0  # Wilson-flow time before measuring the 4d topological charge
+    precision: str = "float64"
+    progress: bool = True
+
+
+@dataclass
+class HMCJob:
+    theory: TheoryConf = field(default_factory=TheoryConf)
+    lattice: LatticeConf = field(default_factory=LatticeConf)
+    hmc: HMCConf = field(default_factory=HMCConf)
+    seed: int = 0
+    device: str = "cpu"
+    out: str = MISSING
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="hmc_schema", node=HMCJob)
+
+

@@ -1,0 +1,1 @@
+"""Markov chain samplers and their statistics."""

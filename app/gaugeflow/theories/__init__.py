@@ -1,0 +1,15 @@
+"""Lattice theories: an action, the field space it lives on, and its standard measurements."""
+
+from gaugeflow.theories.gauge import GaugeAction, autograd_force, gauge_transform
+from gaugeflow.theories.phi4 import Phi4Action, Phi4HoppingAction
+from gaugeflow.theories.theory import Theory, build_theory
+
+__all__ = [
+    "GaugeAction",
+    "Phi4Action",
+    "Phi4HoppingAction",
+    "Theory",
+    "autograd_force",
+    "build_theory",
+    "gauge_transform",
+]
