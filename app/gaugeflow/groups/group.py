@@ -52,12 +52,17 @@ class Group(ABC):
         return vecs @ d @ dagger(vecs)
 
     def eig(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eigenphases in (-pi, pi] and unitary eigenvectors, ``u = V diag(e^{i phi}) V^dagger``."""
-        vals, vecs = torch.linalg.eig(u)
-        # eig of a unitary matrix returns orthogonal eigenvectors for distinct
-        # eigenvalues; normalise columns so V is unitary.
-        vecs = vecs / torch.linalg.vector_norm(vecs, dim=-2, keepdim=True)
-        return torch.angle(vals), vecs
+        """Eigenphases in (-pi, pi] and unitary eigenvectors, ``u = V diag(e^{i phi}) V^dagger``.
+
+        A normal matrix is diagonalised by the hermitian ``cos`` and ``sin`` parts it
+        commutes with; ``eigh`` of a generic combination of them returns an
+        orthonormal basis even for degenerate eigenphases, where ``linalg.eig`` does not.
+        """
+        c = 0.6180339887498949  # generic mixing: no accidental degeneracy of cos + c sin
+        h = 0.5 * (u + dagger(u)) - 0.5j * c * (u - dagger(u))
+        _, vecs = torch.linalg.eigh(h)
+        phases = torch.angle((dagger(vecs) @ u @ vecs).diagonal(dim1=-2, dim2=-1))
+        return phases, vecs
 
     def eigphases(self, u: torch.Tensor) -> torch.Tensor:
         """Eigenphases in (-pi, pi], shape ``(..., N)``."""
