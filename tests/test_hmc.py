@@ -1,0 +1,158 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gaugeflow import exact
+from gaugeflow.sampling.hmc import HMC
+from gaugeflow.theories import build_theory
+
+U1 = dict(name="u1_2d", kind="gauge", group="u1", dim=2, beta=2.0)
+SU2 = dict(name="su2_2d", kind="gauge", group="su2", dim=2, beta=2.0)
+SU3 = dict(name="su3_2d", kind="gauge", group="su3", dim=2, beta=4.0)
+SU3_4D = dict(name="su3_4d", kind="gauge", group="su3", dim=4, beta=5.5)
+PHI4 = dict(name="phi4_2d", kind="phi4", m2=-4.0, lam=8.0)
+
+
+def flip(p):
+    return -p
+
+
+@pytest.mark.parametrize("cfg,shape", [(U1, [4, 4]), (SU3, [4, 4]), (dict(SU3_4D, action="iwasaki"), [2, 2, 2, 2]), (PHI4, [4, 4])])
+@pytest.mark.parametrize("integrator", ["leapfrog", "omelyan"])
+def test_integrator_is_reversible(cfg, shape, integrator, gen):
+    theory = build_theory(cfg, shape)
+    hmc = HMC(theory, 7, 0.7, integrator, generator=gen)
+    x0 = theory.start(2, "cold" if not theory.is_gauge else "hot", gen)
+    if not theory.is_gauge:
+        x0 = x0 + 0.3 * torch.randn(x0.shape, dtype=x0.dtype, generator=gen)
+    p0 = hmc.momenta(x0)
+    x1, p1 = hmc.integrate(x0, p0)
+    x2, p2 = hmc.integrate(x1, flip(p1))
+    assert (x2 - x0).abs().max() < 1e-11
+    assert (p2 + p0).abs().max() < 1e-11
+    assert (x1 - x0).abs().max() > 1e-2  # the trajectory went somewhere
+
+
+@pytest.mark.parametrize("cfg,shape,order", [(U1, [6, 6], 2), (SU3, [4, 4], 2), (PHI4, [6, 6], 2)])
+@pytest.mark.parametrize("integrator", ["leapfrog", "omelyan"])
+def test_energy_violation_scales_as_eps_squared(cfg, shape, order, integrator, gen):
+    # second-order integrators: dH = O(eps^2) at fixed trajectory length
+    theory = build_theory(cfg, shape)
+    x0 = theory.start(1, "hot", gen) if theory.is_gauge else 0.4 * torch.randn((1, *shape), dtype=torch.float64, generator=gen)
+    dh = []
+    p0 = HMC(theory, 1, 1.0, integrator).momenta(x0)
+    for n in (16, 32, 64):
+        hmc = HMC(theory, n, 0.5, integrator)
+        h0, _ = hmc.hamiltonian(x0, p0)
+        h1, _ = hmc.hamiltonian(*hmc.integrate(x0, p0))
+        dh.append((h1 - h0).abs().item())
+    ratios = [dh[0] / dh[1], dh[1] / dh[2]]
+    for r in ratios:
+        assert 2 ** order * 0.75 < r < 2 ** order * 1.25, (dh, ratios)
+
+
+def test_analytic_and_autograd_forces_give_the_same_chain():
+    theory = build_theory(SU2, [4, 4])
+    runs = []
+    for force in ("analytic", "autograd"):
+        g = torch.Generator().manual_seed(7)
+        hmc = HMC(theory, 5, 1.0, "leapfrog", force, g)
+        x = theory.start(2, "hot", g)
+        for _ in range(3):
+            x = hmc.trajectory(x).fields
+        runs.append(x)
+    assert (runs[0] - runs[1]).abs().max() < 1e-11
+
+
+def test_rejected_trajectory_keeps_configuration(gen):
+    # a huge step size makes every proposal fail the Metropolis test
+    theory = build_theory(U1, [4, 4])
+    hmc = HMC(theory, 1, 50.0, "leapfrog", generator=gen)
+    x = theory.start(4, "hot", gen)
+    res = hmc.trajectory(x)
+    assert not res.accepted.any()
+    assert torch.equal(res.fields, x)
+    assert torch.allclose(res.action, theory.action(x))
+
+
+def chains(theory, n_chains, n_therm, n_traj, n_steps, length, seed, measure):
+    g = torch.Generator().manual_seed(seed)
+    hmc = HMC(theory, n_steps, length, "omelyan", generator=g)
+    x = theory.start(n_chains, "hot" if theory.is_gauge else "cold", g)
+    for _ in range(n_therm):
+        x = hmc.trajectory(x).fields
+    samples, boltz = [], []
+    for _ in range(n_traj):
+        res = hmc.trajectory(x)
+        x = res.fields
+        samples.append(measure(x))
+        boltz.append(torch.exp(-res.delta_h))
+    per_chain = torch.stack(samples).mean(0).numpy()  # chains are independent: errors from their spread
+    mean = per_chain.mean()
+    err = per_chain.std(ddof=1) / math.sqrt(n_chains)
+    return mean, err, torch.stack(boltz)
+
+
+def free_field_phi2(shape, m2):
+    # S = phi^T (K + m2) phi with K the lattice Laplacian: <phi(x)^2> = (1/V) sum_k 1/(2 (khat^2 + m2))
+    ks = np.meshgrid(*[2 * np.pi * np.arange(n) / n for n in shape], indexing="ij")
+    khat2 = sum(4 * np.sin(k / 2) ** 2 for k in ks)
+    return float(np.mean(1 / (2 * (khat2 + m2))))
+
+
+@pytest.mark.parametrize("shape", [[6], [4, 6], [2, 2, 4]])
+def test_free_scalar_field(shape):
+    # Each Fourier mode is an oscillator turned by omega tau per trajectory; keeping
+    # omega tau in (0.4, 2.3) for all modes (omega^2 = 2(khat^2 + m2) <= 25 here) avoids
+    # the near-resonance omega tau ~ pi that freezes a mode's amplitude (Mackenzie 1989).
+    theory = build_theory(dict(name="free", kind="phi4", m2=0.5, lam=0.0), shape)
+    mean, err, _ = chains(theory, 32, 40, 100, 6, 0.45, 3, lambda x: x.square().flatten(1).mean(1))
+    assert abs(mean - free_field_phi2(shape, 0.5)) < 3 * err
+
+
+@pytest.mark.physics
+@pytest.mark.parametrize(
+    "cfg,shape,exact_value",
+    [
+        (dict(U1, beta=2.0), [8, 8], exact.u1_plaquette(2.0, 64)),
+        (dict(U1, beta=4.0), [8, 8], exact.u1_plaquette(4.0, 64)),
+        (dict(U1, beta=3.0), [16, 16], exact.u1_plaquette(3.0, 256)),
+        (dict(SU2, beta=2.0), [8, 8], exact.sun_plaquette(2, 2.0, 64)),
+        (dict(SU2, beta=4.0), [4, 4], exact.sun_plaquette(2, 4.0, 16)),
+        (dict(SU3, beta=4.0), [8, 8], exact.sun_plaquette(3, 4.0, 64)),
+        (dict(SU3, beta=6.0), [4, 4], exact.sun_plaquette(3, 6.0, 16)),
+    ],
+    ids=["u1-8-b2", "u1-8-b4", "u1-16-b3", "su2-8-b2", "su2-4-b4", "su3-8-b4", "su3-4-b6"],
+)
+def test_hmc_reproduces_exact_plaquette(cfg, shape, exact_value):
+    from gaugeflow.observables import mean_plaquette
+
+    theory = build_theory(cfg, shape)
+    mean, err, boltz = chains(theory, 16, 30, 60, 8, 1.0, 11, mean_plaquette)
+    assert abs(mean - exact_value) < 3 * err, (mean, err, exact_value)
+    # <exp(-dH)> = 1 (Creutz): a check of reversibility and area preservation
+    assert abs(boltz.mean().item() - 1) < 4 * boltz.std().item() / math.sqrt(boltz.numel())
+
+
+@pytest.mark.physics
+def test_hmc_topological_susceptibility_u1():
+    from gaugeflow.observables import topological_charge_u1_2d
+
+    theory = build_theory(dict(U1, beta=1.0), [8, 8])
+    mean, err, _ = chains(theory, 16, 20, 100, 6, 1.0, 5, lambda x: topological_charge_u1_2d(x).square())
+    assert abs(mean - exact.u1_q2(1.0, 64)) < 3 * err, (mean, err)
+
+
+@pytest.mark.physics
+def test_phi4_schwinger_dyson_identity():
+    # EXACT.md §3: 2<S>/V + 2 lam <phi^4> = 1 for any correct sampler
+    theory = build_theory(PHI4, [8, 8])
+    lam, vol = 8.0, 64
+
+    def sd(x):
+        return 2 * theory.action(x) / vol + 2 * lam * x.pow(4).mean((1, 2))
+
+    mean, err, _ = chains(theory, 16, 100, 200, 7, 0.7, 9, sd)
+    assert abs(mean - 1) < 3 * err, (mean, err)
