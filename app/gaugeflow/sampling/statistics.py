@@ -12,6 +12,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 
+#: pyerrors' minimum length of a Monte Carlo history
+MIN_SAMPLES = 5
+
+
 @dataclass
 class Estimate:
     mean: float
@@ -37,8 +41,12 @@ def gamma_method(series, s_tau: float = 2.0, name: str = "mc") -> Estimate:
     x = np.asarray(series, dtype=np.float64).reshape(-1)
     if x.size == 0:
         return Estimate(math.nan, math.nan, math.nan, math.nan)
-    if x.size == 1 or np.ptp(x) == 0.0:
+    if np.ptp(x) == 0.0:
         return Estimate(float(x.mean()), 0.0, 0.5, 0.0)
+    if x.size < MIN_SAMPLES:
+        # too short to estimate an autocorrelation: naive error, tau_int unknown
+        err = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+        return Estimate(float(x.mean()), err, math.nan, math.nan)
     obs = pe.Obs([x], [name])
     obs.gamma_method(S=s_tau)
     return Estimate(float(obs.value), float(obs.dvalue), float(obs.e_tauint[name]), float(obs.e_dtauint[name]))
