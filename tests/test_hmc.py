@@ -38,19 +38,20 @@ def test_integrator_is_reversible(cfg, shape, integrator, gen):
 @pytest.mark.parametrize("cfg,shape,order", [(U1, [6, 6], 2), (SU3, [4, 4], 2), (PHI4, [6, 6], 2)])
 @pytest.mark.parametrize("integrator", ["leapfrog", "omelyan"])
 def test_energy_violation_scales_as_eps_squared(cfg, shape, order, integrator, gen):
-    # second-order integrators: dH = O(eps^2) at fixed trajectory length
+    # second-order integrators: dH = A eps^2 + O(eps^4) at fixed trajectory length; the
+    # batch sum of |dH| keeps a configuration with accidentally small A from spoiling the ratio
     theory = build_theory(cfg, shape)
-    x0 = theory.start(1, "hot", gen) if theory.is_gauge else 0.4 * torch.randn((1, *shape), dtype=torch.float64, generator=gen)
+    x0 = theory.start(8, "hot", gen) if theory.is_gauge else 0.4 * torch.randn((8, *shape), dtype=torch.float64, generator=gen)
+    p0 = HMC(theory, 1, 1.0, integrator, generator=gen).momenta(x0)
     dh = []
-    p0 = HMC(theory, 1, 1.0, integrator).momenta(x0)
-    for n in (16, 32, 64):
+    for n in (32, 64, 128):
         hmc = HMC(theory, n, 0.5, integrator)
         h0, _ = hmc.hamiltonian(x0, p0)
         h1, _ = hmc.hamiltonian(*hmc.integrate(x0, p0))
-        dh.append((h1 - h0).abs().item())
+        dh.append((h1 - h0).abs().sum().item())
     ratios = [dh[0] / dh[1], dh[1] / dh[2]]
     for r in ratios:
-        assert 2 ** order * 0.75 < r < 2 ** order * 1.25, (dh, ratios)
+        assert 2 ** order * 0.8 < r < 2 ** order * 1.2, (dh, ratios)
 
 
 def test_analytic_and_autograd_forces_give_the_same_chain():
