@@ -53,3 +53,14 @@ def test_coordinates_and_checkerboard():
     assert c.shape == (2, 2, 3) and c[0, 1, 2] == 1 and c[1, 1, 2] == 2
     cb = checkerboard((4, 4))
     assert cb.sum() == 8 and (cb + shift(cb[None], 0, 1)[0]).eq(1).all()
+
+
+@pytest.mark.parametrize("width", [0, 1, 2, 5])
+def test_pad_is_periodic_halo(width):
+    from gaugeflow.lattice import pad
+
+    x = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    y = pad(x, 1, width)
+    assert y.shape == (2, 3, 4 + 2 * width)
+    for i in range(4 + 2 * width):
+        assert torch.equal(y[:, :, i], x[:, :, (i - width) % 4])

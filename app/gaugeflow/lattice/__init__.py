@@ -4,9 +4,10 @@ from gaugeflow.lattice.geometry import (
     Lattice,
     checkerboard,
     coordinates,
+    pad,
     shift,
     use_shift,
     validate_shape,
 )
 
-__all__ = ["Lattice", "checkerboard", "coordinates", "shift", "use_shift", "validate_shape"]
+__all__ = ["Lattice", "checkerboard", "coordinates", "pad", "shift", "use_shift", "validate_shape"]

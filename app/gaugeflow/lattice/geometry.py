@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 
 ShiftFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+PadFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 _SHIFT_IMPL: contextvars.ContextVar[ShiftFn | None] = contextvars.ContextVar(
     "gaugeflow_shift_impl", default=None
 )
+_PAD_IMPL: contextvars.ContextVar[PadFn | None] = contextvars.ContextVar("gaugeflow_pad_impl", default=None)
 
 
 def shift(field: torch.Tensor, mu: int, n: int = 1) -> torch.Tensor:
@@ -39,14 +41,39 @@ def shift(field: torch.Tensor, mu: int, n: int = 1) -> torch.Tensor:
     return torch.roll(field, shifts=-n, dims=1 + mu)
 
 
+def pad(field: torch.Tensor, mu: int, width: int) -> torch.Tensor:
+    """Extend lattice axis mu by ``width`` periodic-image sites on each side (a halo).
+
+    The result has extent ``L_mu + 2 width`` along axis ``1 + mu``; index ``width + x``
+    holds site x. Convolutions read their neighbourhoods from such halos, which a
+    domain-decomposed lattice fills by communication instead.
+    """
+    impl = _PAD_IMPL.get()
+    if impl is not None:
+        return impl(field, mu, width)
+    if width == 0:
+        return field
+    dim = 1 + mu
+    n = field.shape[dim]
+    if width > n:
+        # a halo wider than the lattice wraps more than once
+        reps = -(-width // n)
+        field_rep = torch.cat([field] * (2 * reps + 1), dim=dim)
+        return field_rep.narrow(dim, reps * n - width, n + 2 * width)
+    return torch.cat([field.narrow(dim, n - width, width), field, field.narrow(dim, 0, width)], dim=dim)
+
+
 @contextlib.contextmanager
-def use_shift(fn: ShiftFn) -> Iterator[None]:
-    """Route every :func:`shift` in this context through ``fn(field, mu, n)``."""
+def use_shift(fn: ShiftFn, pad_fn: PadFn | None = None) -> Iterator[None]:
+    """Route every :func:`shift` (and, if given, :func:`pad`) in this context through the given functions."""
     token = _SHIFT_IMPL.set(fn)
+    ptoken = _PAD_IMPL.set(pad_fn) if pad_fn is not None else None
     try:
         yield
     finally:
         _SHIFT_IMPL.reset(token)
+        if ptoken is not None:
+            _PAD_IMPL.reset(ptoken)
 
 
 def validate_shape(shape: Sequence[int], key: str = "lattice.shape") -> tuple[int, ...]:
