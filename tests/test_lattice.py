@@ -64,3 +64,5 @@ def test_pad_is_periodic_halo(width):
     assert y.shape == (2, 3, 4 + 2 * width)
     for i in range(4 + 2 * width):
         assert torch.equal(y[:, :, i], x[:, :, (i - width) % 4])
+    z = pad(x, 0, width, lead=2)  # channels-first: lattice axis 0 is tensor axis 2
+    assert torch.equal(z, pad(x, 1, width))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 ShiftFn = Callable[[torch.Tensor, int, int], torch.Tensor]
-PadFn = Callable[[torch.Tensor, int, int], torch.Tensor]
+PadFn = Callable[[torch.Tensor, int, int, int], torch.Tensor]
 
 _SHIFT_IMPL: contextvars.ContextVar[ShiftFn | None] = contextvars.ContextVar(
     "gaugeflow_shift_impl", default=None
@@ -41,19 +41,21 @@ def shift(field: torch.Tensor, mu: int, n: int = 1) -> torch.Tensor:
     return torch.roll(field, shifts=-n, dims=1 + mu)
 
 
-def pad(field: torch.Tensor, mu: int, width: int) -> torch.Tensor:
+def pad(field: torch.Tensor, mu: int, width: int, lead: int = 1) -> torch.Tensor:
     """Extend lattice axis mu by ``width`` periodic-image sites on each side (a halo).
 
-    The result has extent ``L_mu + 2 width`` along axis ``1 + mu``; index ``width + x``
-    holds site x. Convolutions read their neighbourhoods from such halos, which a
-    domain-decomposed lattice fills by communication instead.
+    ``lead`` is the number of axes before the lattice axes (1 for ``(batch, *L)``, 2 for
+    channels-first ``(batch, C, *L)``). The result has extent ``L_mu + 2 width`` along axis
+    ``lead + mu``; index ``width + x`` holds site x. Convolutions read their
+    neighbourhoods from such halos, which a domain-decomposed lattice fills by
+    communication instead.
     """
     impl = _PAD_IMPL.get()
     if impl is not None:
-        return impl(field, mu, width)
+        return impl(field, mu, width, lead)
     if width == 0:
         return field
-    dim = 1 + mu
+    dim = lead + mu
     n = field.shape[dim]
     if width > n:
         # a halo wider than the lattice wraps more than once
