@@ -1,0 +1,46 @@
+"""Base distributions: Gaussian for scalar fields, Haar for gauge links."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gaugeflow.groups import Group, get_group
+
+
+class GaussianPrior(nn.Module):
+    """Independent normal ``N(0, sigma^2)`` at every site, fields ``(batch, *shape)``."""
+
+    def __init__(self, shape, sigma: float = 1.0, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.sigma = float(sigma)
+        # a buffer so that .to(device/dtype) moves the prior along with the model
+        self.register_buffer("_ref", torch.zeros((), dtype=dtype), persistent=False)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        z = torch.randn((n, *self.shape), generator=generator, dtype=self._ref.dtype, device=self._ref.device)
+        return self.sigma * z
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        sites = tuple(range(1, z.dim()))
+        norm = z[0].numel() * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
+        return -0.5 * (z / self.sigma).square().sum(sites) - norm
+
+
+class HaarPrior(nn.Module):
+    """Haar-random links ``(batch, d, *shape, N, N)``; density 1 w.r.t. the normalised Haar measure."""
+
+    def __init__(self, group: str | Group, shape, dtype: torch.dtype = torch.complex64):
+        super().__init__()
+        self.group = get_group(group)
+        self.shape = tuple(int(s) for s in shape)
+        self.register_buffer("_ref", torch.zeros((), dtype=dtype), persistent=False)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.group.random((n, len(self.shape), *self.shape), generator, self._ref.dtype, self._ref.device)
+
+    def log_prob(self, u: torch.Tensor) -> torch.Tensor:
+        return u.new_zeros(u.shape[0], dtype=u.real.dtype)
