@@ -37,10 +37,16 @@ class HaarPrior(nn.Module):
         super().__init__()
         self.group = get_group(group)
         self.shape = tuple(int(s) for s in shape)
-        self.register_buffer("_ref", torch.zeros((), dtype=dtype), persistent=False)
+        # a real buffer: Module.to(float64) casts it (a complex one would be cast to real)
+        real = torch.float64 if dtype == torch.complex128 else torch.float32
+        self.register_buffer("_ref", torch.zeros((), dtype=real), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.complex128 if self._ref.dtype == torch.float64 else torch.complex64
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.group.random((n, len(self.shape), *self.shape), generator, self._ref.dtype, self._ref.device)
+        return self.group.random((n, len(self.shape), *self.shape), generator, self.dtype, self._ref.device)
 
     def log_prob(self, u: torch.Tensor) -> torch.Tensor:
         return u.new_zeros(u.shape[0], dtype=u.real.dtype)

@@ -64,7 +64,7 @@ class SplineCoupling(_CheckerboardCoupling):
     def n_params(n_bins: int) -> int:
         return 3 * n_bins - 1
 
-    def _apply(self, x, inverse):
+    def _transform(self, x, inverse):
         p = self._params(x).movedim(1, -1)
         k = self.n_bins
         y, logj = unbounded_rational_quadratic_spline(
@@ -74,7 +74,7 @@ class SplineCoupling(_CheckerboardCoupling):
         return torch.where(a, y, x), self._sum(logj)
 
     def forward(self, x):
-        return self._apply(x, False)
+        return self._transform(x, False)
 
     def inverse(self, y):
-        return self._apply(y, True)
+        return self._transform(y, True)

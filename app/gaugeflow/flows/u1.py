@@ -75,7 +75,7 @@ class U1PlaquetteCoupling(FlowLayer):
         frozen = self.frozen.to(phases.dtype)
         return torch.cat([torch.cos(phases) * frozen, torch.sin(phases) * frozen], dim=1)
 
-    def _apply(self, links: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _transform(self, links: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.net(self.context(links)).movedim(1, -1)
         phi = torch.remainder(plaquette_phases(links, self.mu, self.nu), TWO_PI)
         new_phi, logj = self.transform(phi, params, inverse=inverse)
@@ -87,7 +87,7 @@ class U1PlaquetteCoupling(FlowLayer):
         return out, (logj * mask).sum(sites)
 
     def forward(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._apply(links, inverse=False)
+        return self._transform(links, inverse=False)
 
     def inverse(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._apply(links, inverse=True)
+        return self._transform(links, inverse=True)

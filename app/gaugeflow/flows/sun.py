@@ -1,0 +1,354 @@
+"""Gauge-equivariant spectral coupling layers for SU(N).
+
+The layer of Boyda, Kanwar, Racaniere, Rezende, Albergo, Cranmer, Hackett & Shanahan,
+"Sampling using SU(N) gauge equivariant flows", arXiv:2008.05456, in the d-dimensional
+masking of Abbott et al., arXiv:2305.02402 (see :mod:`gaugeflow.flows.masks`).
+
+For every *active* plaquette ``P = P_{mu nu}(x)`` (x in ``mask.links``) write
+``P = V diag(e^{i theta}) V^dagger`` with the eigenphases in the canonical cell (below),
+transform ``theta -> theta'`` with a flow of the cell whose parameters come from a network
+that sees only gauge-invariant features of *frozen* plaquettes, keep ``V``, and set
+
+    P' = V diag(e^{i theta'}) V^dagger,     U_mu(x) -> P' P^dagger U_mu(x).
+
+Under ``U_mu(x) -> Omega(x) U_mu(x) Omega(x + mu)^dagger`` the plaquette is conjugated,
+``V -> Omega(x) V`` and the phases do not change, so the layer is gauge equivariant and its
+log-Jacobian gauge invariant. Since the staple of ``P`` holds no updated link, the update
+realises ``P -> P'`` exactly.
+
+Canonical cell
+--------------
+The conjugacy classes of SU(N) are the maximal torus modulo the Weyl group; for a simply
+connected group this is the Weyl alcove: lifts ``theta_1 >= ... >= theta_N`` with
+``sum_i theta_i = 0`` and ``theta_1 - theta_N <= 2 pi``. Every class has exactly one such lift
+(:func:`canonical_phases`). Its ``N - 1`` independent coordinates are taken as the gaps
+``g_i = theta_i - theta_{i+1}``, i < N, between neighbouring eigenvalues on the circle; with
+the last gap ``g_N = 2 pi - sum_{i<N} g_i`` the cell is the simplex ``{g >= 0, sum g = 2 pi}``.
+For SU(2) this is ``theta = g_1 / 2`` in ``[0, pi]`` (eigenvalues ``e^{+-i theta}``).
+
+The cell flow (:class:`CanonicalCellSpline`) maps the simplex to the box ``[0, 1]^{N-1}`` by
+stick breaking, ``z_k = g_k / r_k`` with the remaining stick ``r_k = 2 pi - sum_{j<k} g_j``,
+applies monotone rational-quadratic splines of ``[0, 1]`` (Durkan et al. 1906.04032)
+autoregressively, ``z'_k = s_k(z_k; a_k + sum_{j<k, m} B_{kjm} cos(m pi z_j))`` (a truncated
+cosine series in the earlier coordinates, coefficients ``a, B`` per site from the network),
+and maps back, ``g'_k = z'_k r'_k``. Stick breaking is a diffeomorphism of the open box onto
+the open simplex; the autoregressive spline map is a triangular diffeomorphism of the open box
+with positive diagonal, so the composite is a bijection of the open cell (a.e. all of it).
+The splines fix 0 and 1, so every face ``g_k = 0`` (``z_k = 0``) and ``g_N = 0`` (some
+``z_j = 1``) is mapped into itself and the map extends continuously to the closed cell: the
+centre elements (vertices) are fixed points and degenerate eigenvalues stay degenerate, so
+``P'`` is well defined there too.
+
+Jacobian
+--------
+Densities are w.r.t. the normalised Haar measure (DESIGN.md). The Weyl integration formula
+``dU = J(theta) d^{N-1}theta dV / const`` (``dV`` on SU(N)/T) with
+
+    J(theta) = prod_{i<j} |e^{i theta_i} - e^{i theta_j}|^2 = prod_{i<j} 4 sin^2((theta_i - theta_j)/2)
+
+and ``U -> P = U S`` (right translation by the fixed staple, Haar invariant) give, per active
+link,
+
+    log|det| = log|det d theta'/d theta| + log J(theta') - log J(theta),
+
+where ``theta -> g`` is linear with a constant Jacobian, so ``d theta'/d theta`` may be taken
+in gap coordinates: ``log|det dg'/dg| = sum_k [log s_k'(z_k) + log r'_k - log r_k]``. The layer's
+log-determinant is the sum over active links (no other link moves).
+
+Exactly degenerate active plaquettes (``J = 0``, e.g. a cold start) are a null set: the layer
+stays finite there (``J`` is clamped to the smallest normal number) and fixes such points
+when the flow is the identity, but the log-determinant there is not the limiting value, and
+eigenvector gradients diverge at degeneracies as for any spectral flow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from gaugeflow.flows.base import FlowLayer
+from gaugeflow.flows.masks import GaugeMask
+from gaugeflow.flows.splines import rational_quadratic_spline
+from gaugeflow.groups import SU, Group, get_group
+from gaugeflow.groups.matrix import dagger, trace
+from gaugeflow.observables.loops import plaquette
+
+__all__ = [
+    "CanonicalCellSpline",
+    "SUNPlaquetteCoupling",
+    "canonical_phases",
+    "log_weyl_density",
+    "phase_shift_from_gaps",
+]
+
+TWO_PI = 2 * math.pi
+
+
+# ----------------------------------------------------------------------------- canonical cell
+def canonical_phases(phases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lift eigenphases of SU(N) elements into the canonical cell.
+
+    ``phases`` ``(..., N)`` in any order with ``sum = 0 (mod 2 pi)``, e.g. principal ones from
+    :meth:`Group.eig`. Returns ``(theta, perm)`` with ``theta_1 >= ... >= theta_N``,
+    ``sum theta = 0`` and ``theta_1 - theta_N <= 2 pi``, and ``theta[..., i] = phases[..., perm[..., i]]``
+    modulo 2 pi (so ``perm`` reorders the eigenvectors to match).
+
+    Principal phases sorted in descending order already span less than 2 pi and sum to
+    ``2 pi k``; moving the k largest down by 2 pi (k > 0) or the -k smallest up (k < 0) keeps the
+    span below 2 pi and makes the sum zero: a cyclic rotation of the sorted list.
+    """
+    n = phases.shape[-1]
+    srt, perm = torch.sort(phases, dim=-1, descending=True, stable=True)
+    k = torch.round(phases.sum(-1) / TWO_PI).to(torch.long)
+    idx = torch.arange(n, device=phases.device) + k[..., None]
+    wrap = torch.div(idx, n, rounding_mode="floor")
+    j = idx - n * wrap
+    theta = srt.gather(-1, j) - TWO_PI * wrap.to(phases.dtype)
+    return theta, perm.gather(-1, j)
+
+
+def phase_shift_from_gaps(dg: torch.Tensor) -> torch.Tensor:
+    """Phase changes ``(..., N)`` with zero sum whose gap changes are ``dg`` ``(..., N-1)``.
+
+    ``theta_i = theta_1 - c_i`` with ``c_i = sum_{j<i} g_j``; ``sum theta = 0`` fixes
+    ``theta_1 = mean(c)``, so ``theta = mean(c) - c`` is linear in the gaps.
+    """
+    c = torch.cat([torch.zeros_like(dg[..., :1]), torch.cumsum(dg, dim=-1)], dim=-1)
+    return c.mean(-1, keepdim=True) - c
+
+
+def log_weyl_density(gaps: torch.Tensor) -> torch.Tensor:
+    """``log J = sum_{i<j} log 4 sin^2((theta_i - theta_j)/2)`` from the gaps ``(..., N-1)``.
+
+    ``theta_i - theta_j`` (i < j) is a sum of consecutive gaps, in ``[0, 2 pi]``, so the sines are
+    non-negative; they are clamped to the smallest normal number at degeneracies.
+    """
+    n = gaps.shape[-1] + 1
+    c = torch.cat([torch.zeros_like(gaps[..., :1]), torch.cumsum(gaps, dim=-1)], dim=-1)
+    i, j = torch.triu_indices(n, n, 1, device=gaps.device)
+    chord = (2 * torch.sin(0.5 * (c[..., j] - c[..., i]))).clamp_min(torch.finfo(gaps.dtype).tiny)
+    return 2 * torch.log(chord).sum(-1)
+
+
+class CanonicalCellSpline(nn.Module):
+    """Autoregressive stick-breaking spline flow of the SU(N) canonical cell (module docstring).
+
+    ``forward(gaps, params, inverse=False) -> (new_gaps, log|det d new_gaps / d gaps|)`` with
+    ``gaps`` ``(..., N-1)`` and unconstrained ``params`` ``(..., n_params)``. Per coordinate
+    k = 0..N-2 the parameters hold a spline block ``a_k`` (``3 n_bins + 1``: widths, heights,
+    knot slopes as :func:`rational_quadratic_spline` takes them) followed by ``k * n_cond``
+    blocks ``B_{kjm}`` multiplying ``cos(m pi z_j)``, m = 1..n_cond. All-zero parameters give
+    the identity.
+    """
+
+    def __init__(self, n: int, n_bins: int = 8, n_cond: int = 2):
+        super().__init__()
+        if n < 2:
+            raise ValueError(f"the canonical cell needs N >= 2, got {n}")
+        if n_bins < 1 or n_cond < 0:
+            raise ValueError(f"need n_bins >= 1 and n_cond >= 0, got {n_bins}, {n_cond}")
+        self.n, self.n_bins, self.n_cond = int(n), int(n_bins), int(n_cond)
+
+    @staticmethod
+    def count(n: int, n_bins: int = 8, n_cond: int = 2) -> int:
+        """Number of parameters per site."""
+        block = 3 * n_bins + 1
+        return block * ((n - 1) + n_cond * (n - 1) * (n - 2) // 2)
+
+    @property
+    def n_params(self) -> int:
+        return self.count(self.n, self.n_bins, self.n_cond)
+
+    def extra_repr(self) -> str:
+        return f"N={self.n}, n_bins={self.n_bins}, n_cond={self.n_cond}"
+
+    # simplex <-> box ----------------------------------------------------------------
+    @staticmethod
+    def to_box(gaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stick breaking ``z_k = g_k / r_k``; returns ``(z, sum_k log r_k) = (z, log det dg/dz)``."""
+        tiny = torch.finfo(gaps.dtype).tiny
+        rem = torch.full_like(gaps[..., 0], TWO_PI)
+        zs, log_rem = [], torch.zeros_like(rem)
+        for k in range(gaps.shape[-1]):
+            r = rem.clamp_min(tiny)
+            zs.append((gaps[..., k] / r).clamp(0.0, 1.0))
+            log_rem = log_rem + torch.log(r)
+            # rounding can push the remaining stick a hair below zero at the far face
+            rem = (rem - gaps[..., k]).clamp_min(0.0)
+        return torch.stack(zs, dim=-1), log_rem
+
+    @staticmethod
+    def from_box(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of :meth:`to_box`: ``g_k = z_k r_k``, ``r_{k+1} = r_k (1 - z_k)``; returns ``(g, sum log r_k)``."""
+        tiny = torch.finfo(z.dtype).tiny
+        rem = torch.full_like(z[..., 0], TWO_PI)
+        gs, log_rem = [], torch.zeros_like(rem)
+        for k in range(z.shape[-1]):
+            gs.append(z[..., k] * rem)
+            log_rem = log_rem + torch.log(rem.clamp_min(tiny))
+            rem = rem * (1.0 - z[..., k])
+        return torch.stack(gs, dim=-1), log_rem
+
+    # box -> box ------------------------------------------------------------------------
+    def _spline_params(self, params: torch.Tensor, k: int, cond: torch.Tensor | None) -> torch.Tensor:
+        """Raw spline parameters of coordinate k given the earlier *input* coordinates ``cond`` ``(..., k)``."""
+        block = 3 * self.n_bins + 1
+        off = block * (k + self.n_cond * k * (k - 1) // 2)
+        raw = params[..., off:off + block]
+        if k == 0 or self.n_cond == 0:
+            return raw
+        m = torch.arange(1, self.n_cond + 1, device=cond.device, dtype=cond.dtype)
+        feats = torch.cos(math.pi * cond[..., :, None] * m).flatten(-2)  # (..., k * n_cond)
+        coef = params[..., off + block:off + block * (1 + k * self.n_cond)]
+        coef = coef.unflatten(-1, (k * self.n_cond, block))
+        return raw + (feats[..., :, None] * coef).sum(-2)
+
+    def box_map(self, z: torch.Tensor, params: torch.Tensor, inverse: bool = False):
+        """The autoregressive spline map of ``[0, 1]^{N-1}``; returns ``(z', sum_k log |dz'_k/dz_k|)``.
+
+        Coordinate k's spline is conditioned on the *input* coordinates ``z_{<k}`` of the forward
+        map; the inverse recovers them one by one (a triangular map: Jacobian = diagonal product).
+        """
+        if params.shape[-1] != self.n_params:
+            raise ValueError(f"expected {self.n_params} spline parameters per site, got {params.shape[-1]}")
+        kb = self.n_bins
+        out, logdet = [], torch.zeros_like(z[..., 0])
+        for k in range(self.n - 1):
+            cond = None
+            if k > 0:
+                cond = torch.stack(out, dim=-1) if inverse else z[..., :k]
+            raw = self._spline_params(params, k, cond)
+            y, ld = rational_quadratic_spline(
+                z[..., k], raw[..., :kb], raw[..., kb:2 * kb], raw[..., 2 * kb:], inverse=inverse
+            )
+            out.append(y)
+            logdet = logdet + ld
+        return torch.stack(out, dim=-1), logdet
+
+    def forward(self, gaps: torch.Tensor, params: torch.Tensor, inverse: bool = False):
+        z, log_r_in = self.to_box(gaps)
+        z_new, ld = self.box_map(z, params, inverse)
+        new_gaps, log_r_out = self.from_box(z_new)
+        return new_gaps, ld + log_r_out - log_r_in
+
+
+# ----------------------------------------------------------------------------------- layer
+class SUNPlaquetteCoupling(FlowLayer):
+    """One SU(N) gauge-equivariant spectral coupling (Boyda et al. 2008.05456); see the module docstring.
+
+    Args:
+        mask: which links ``U_mu(x)`` are updated (through ``P_{mu nu}(x)``) and which
+            plaquettes are frozen (:func:`gaugeflow.flows.masks.gauge_mask`).
+        net: ``(batch, context_channels, *L) -> (batch, param_channels, *L)``, e.g. a
+            :class:`gaugeflow.flows.conv.ConvNet`; ``zero_init=True`` makes the layer the identity.
+        group: an SU(N) group or its name (``"su2"``, ``"su3"``, ...).
+        n_bins: spline bins per cell coordinate.
+        n_cond: cosine features per earlier coordinate in the autoregressive conditioner.
+
+    Links are complex ``(batch, d, *L, N, N)``. ``forward``/``inverse`` return the links and
+    ``log|det J|`` per configuration w.r.t. the normalised Haar measure; :meth:`transform`
+    also gives the per-site contributions.
+    """
+
+    def __init__(self, mask: GaugeMask, net: nn.Module, group: str | Group, n_bins: int = 8, n_cond: int = 2):
+        super().__init__()
+        group = get_group(group)
+        if not isinstance(group, SU):
+            raise ValueError(f"SUNPlaquetteCoupling needs an SU(N) group, got {group}")
+        self.group = group
+        self.mu, self.nu = mask.mu, mask.nu
+        self.planes = list(mask.frozen)
+        self.register_buffer("link_mask", mask.links.clone(), persistent=False)
+        self.register_buffer("frozen", torch.stack([mask.frozen[p] for p in self.planes]), persistent=False)
+        self.net = net
+        self.cell = CanonicalCellSpline(group.N, n_bins, n_cond)
+
+    # sizes of the network's input and output ----------------------------------------------
+    @staticmethod
+    def features_per_plane(n: int) -> int:
+        # tr P^k of SU(2) is real: its imaginary part would be a channel of zeros
+        return (n - 1) * (1 if n == 2 else 2)
+
+    @classmethod
+    def context_channels(cls, ndim: int, n: int) -> int:
+        return ndim * (ndim - 1) // 2 * cls.features_per_plane(n)
+
+    @staticmethod
+    def param_channels(n: int, n_bins: int = 8, n_cond: int = 2) -> int:
+        return CanonicalCellSpline.count(n, n_bins, n_cond)
+
+    @classmethod
+    def build(
+        cls,
+        mask: GaugeMask,
+        group: str | Group,
+        net_factory: Callable[[int, int], nn.Module],
+        n_bins: int = 8,
+        n_cond: int = 2,
+    ) -> SUNPlaquetteCoupling:
+        """A layer whose network is ``net_factory(context_channels, param_channels)``."""
+        group = get_group(group)
+        ndim = mask.links.dim()
+        net = net_factory(cls.context_channels(ndim, group.N), cls.param_channels(group.N, n_bins, n_cond))
+        return cls(mask, net, group, n_bins, n_cond)
+
+    # pieces ------------------------------------------------------------------------------
+    def context(self, links: torch.Tensor) -> torch.Tensor:
+        """Re (and for N > 2 Im) of ``tr P^k / N``, k = 1..N-1, of every plane's frozen plaquettes,
+        zero elsewhere: ``(batch, context_channels, *L)``.
+
+        By Newton's identities these power sums (with det P = 1) fix the spectrum, i.e. every
+        gauge-invariant property of a single plaquette.
+        """
+        n = self.group.N
+        feats = []
+        for (r, s), frozen in zip(self.planes, self.frozen):
+            p = plaquette(links, r, s)
+            pk = p
+            for k in range(1, n):
+                t = trace(pk) / n
+                parts = (t.real,) if n == 2 else (t.real, t.imag)
+                feats.extend(f * frozen.to(f.dtype) for f in parts)
+                if k < n - 1:
+                    pk = pk @ p
+        return torch.stack(feats, dim=1)
+
+    def transform(self, links: torch.Tensor, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(new_links, logdet)`` with the per-site log-determinant ``(batch, *L)`` (zero off the mask)."""
+        mu, mask = self.mu, self.link_mask
+        params = self.net(self.context(links)).movedim(1, -1)[:, mask]  # (batch, A, n_params)
+        if params.shape[-1] != self.cell.n_params:
+            raise ValueError(
+                f"net gives {params.shape[-1]} channels, the cell flow needs {self.cell.n_params} "
+                f"(SUNPlaquetteCoupling.param_channels)"
+            )
+        # only active plaquettes are diagonalised: cheaper, and degenerate passive ones
+        # cannot poison gradients through masked-out branches
+        p = plaquette(links, mu, self.nu)[:, mask]  # (batch, A, N, N)
+        phases, vecs = self.group.eig(p)
+        theta, perm = canonical_phases(phases)
+        vecs = vecs.gather(-1, perm[..., None, :].expand_as(vecs))
+        gaps = theta[..., :-1] - theta[..., 1:]
+        new_gaps, logdet = self.cell(gaps, params, inverse=inverse)
+        logdet = logdet + log_weyl_density(new_gaps) - log_weyl_density(gaps)
+        # P' P^dagger = V diag(e^{i (theta' - theta)}) V^dagger; the phase change is built from the
+        # gap change so that it sums to zero (det stays 1) and vanishes when the gaps do
+        delta = phase_shift_from_gaps(new_gaps - gaps)
+        rot = (vecs * torch.polar(torch.ones_like(delta), delta)[..., None, :]) @ dagger(vecs)
+        u_mu = links[:, mu].clone()
+        u_mu[:, mask] = rot @ links[:, mu][:, mask]
+        out = torch.cat([links[:, :mu], u_mu[:, None], links[:, mu + 1:]], dim=1)
+        site_logdet = logdet.new_zeros(links.shape[0], *mask.shape)
+        site_logdet[:, mask] = logdet
+        return out, site_logdet
+
+    def forward(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, ld = self.transform(links, inverse=False)
+        return out, ld.flatten(1).sum(1)
+
+    def inverse(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, ld = self.transform(links, inverse=True)
+        return out, ld.flatten(1).sum(1)
