@@ -40,6 +40,7 @@ median of 7 rounds, ms; ``fold`` is the default for ``d >= 4``):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -101,9 +102,10 @@ def _conv_fold(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     w = weight.reshape(weight.shape[0], C * k**m, *([k] * c))
     if c == 0:
         y = F.linear(u, w, bias)  # (B * V, out)
-        return y.reshape(B, *lead, -1).movedim(-1, 1)
+        return y.reshape(B, *lead, -1).movedim(-1, 1).contiguous()
     y = _CONV[c](u, w, bias)
-    return y.reshape(B, *lead, *y.shape[1:]).movedim(1 + m, 1)
+    # contiguous: the copy costs ~0.1% of the conv and spares callers a strided layout
+    return y.reshape(B, *lead, *y.shape[1:]).movedim(1 + m, 1).contiguous()
 
 
 def _conv_slices(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
@@ -116,7 +118,7 @@ def _conv_slices(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     u = xp.permute(*range(2, 2 + m), 0, 1, *range(2 + m, 2 + d)).contiguous()
     lead = tuple(p - k + 1 for p in u.shape[:m])
     y = None
-    for offset in torch.cartesian_prod(*[torch.arange(k)] * m).reshape(-1, m).tolist():
+    for offset in itertools.product(range(k), repeat=m):
         s = u
         for i, a in enumerate(offset):
             s = s.narrow(i, a, lead[i])
@@ -160,9 +162,9 @@ def periodic_conv(
 
     ``weight`` is ``(C_out, C_in, k, ..., k)`` with d kernel axes and odd k (cross-correlation,
     as torch's conv): ``y[b, o, x] = bias[o] + sum_{i, a} weight[o, i, a] x[b, i, x + a - k//2]``
-    with periodic ``x + a - k//2``. ``method`` picks the d >= 4 algorithm (:data:`METHODS`);
-    for d <= 3 only ``None``/``"fold"`` (torch's own kernel) and the generic ones are accepted
-    the same way, with ``fold`` meaning the direct ``F.conv{d}d``.
+    with periodic ``x + a - k//2``. ``method`` picks the d >= 4 algorithm (:data:`METHODS`,
+    default ``fold``). For d <= 3 every method but ``im2col`` is torch's own ``F.conv{d}d``
+    on the padded field (there are no leading axes to fold).
     """
     d = x.dim() - 2
     if weight.dim() != d + 2:

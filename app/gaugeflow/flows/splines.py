@@ -109,8 +109,10 @@ def _check_dtypes(x: torch.Tensor, *params: torch.Tensor) -> None:
             raise TypeError(f"parameters ({p.dtype}) must have the dtype of the input ({x.dtype})")
 
 
-def _batch_shape(x: torch.Tensor, *params: torch.Tensor) -> torch.Size:
-    return torch.broadcast_shapes(x.shape, *(p.shape[:-1] for p in params))
+def _batch_shape(x: torch.Tensor, *params: torch.Tensor, shift=None) -> torch.Size:
+    """Broadcast shape of the input, the parameters' leading axes and an optional shift."""
+    extra = () if shift is None or not isinstance(shift, torch.Tensor) else (shift.shape,)
+    return torch.broadcast_shapes(x.shape, *(p.shape[:-1] for p in params), *extra)
 
 
 def _rq_inverse_fraction(dy, h, s, d_near, d_far):
@@ -309,7 +311,7 @@ def circular_rational_quadratic_spline(
             f"expected widths, heights and derivatives all (..., K); got "
             f"{tuple(widths.shape)}, {tuple(heights.shape)}, {tuple(derivatives.shape)}"
         )
-    batch = _batch_shape(theta, widths, heights, derivatives)
+    batch = _batch_shape(theta, widths, heights, derivatives, shift=shift)
     kx = _knots(widths, 0.0, TWO_PI, min_bin_width)
     ky = _knots(heights, 0.0, TWO_PI, min_bin_height)
     d = _constrain_derivatives(derivatives, min_derivative)
@@ -372,13 +374,12 @@ def _solve_mixture(z, s, w, max_iter=100):
     The lift is strictly increasing from 0 to 2 pi, so ``[0, 2 pi]`` brackets every root. A
     Newton step is taken when it stays inside the current bracket and shrinks at least by half
     compared to the step before last; otherwise bisect. Converges quadratically near the root
-    and never slower than bisection, to full float precision.
+    and never slower than bisection, to full (relative) float precision in t.
     """
     two_pi = torch.tensor(TWO_PI, dtype=z.dtype, device=z.device)
     # largest float below 2 pi: the lift evaluated at 2 pi itself can wrap (sin(pi) < 0 in float32)
     top = torch.nextafter(two_pi, torch.zeros_like(two_pi))
-    eps = torch.finfo(z.dtype).eps
-    xtol = 4.0 * eps * TWO_PI
+    eps, tiny = torch.finfo(z.dtype).eps, torch.finfo(z.dtype).tiny
     lo = torch.zeros_like(z)
     hi = torch.full_like(z, TWO_PI)
     x = z.clone()  # the identity is the natural first guess
@@ -393,6 +394,8 @@ def _solve_mixture(z, s, w, max_iter=100):
         hi = torch.where(f > 0, x, hi)
         step = f / df
         newton = x - step
+        # tolerance relative to x: near 0 floats are dense and a steep map (large s) needs them
+        xtol = 4.0 * eps * x.abs() + tiny
         # a Newton step below tolerance means x is at the root to rounding: accept it (it may
         # land on the bracket edge by rounding, which must not trigger a bisection away from it)
         small = step.abs() <= xtol
@@ -429,7 +432,7 @@ def ncp_mixture(
     Each NCP lift maps [0, 2 pi) increasingly onto itself, so the mixture does too and is a
     circle diffeomorphism with ``dy/dtheta = sum_m w_m NCP'_{s_m}``. The inverse has no closed
     form: it is found by vectorised safeguarded Newton/bisection to float precision, then one
-    differentiable Newton step at the root attaches the implicit-function gradients
+    zero-valued differentiable Newton correction at the root attaches the implicit-function gradients
     (d theta / d(y, s, w, shift)); its ``logabsdet`` is minus the forward one at the solution.
     ``s = 1`` (any weights, no shift) is the identity.
     """
@@ -437,7 +440,7 @@ def ncp_mixture(
     if s.shape[-1] != weights.shape[-1]:
         raise ValueError(f"s {tuple(s.shape)} and weights {tuple(weights.shape)} differ in M")
     w = weights / weights.sum(-1, keepdim=True)
-    batch = _batch_shape(theta, s, w)
+    batch = _batch_shape(theta, s, w, shift=shift)
     t = theta.expand(batch)
     if not inverse:
         y, dy = _mixture(wrap_angle(t), s, w)
@@ -450,10 +453,11 @@ def ncp_mixture(
     z = wrap_angle(t)
     root = _solve_mixture(z.detach(), s.detach().expand(*batch, s.shape[-1]),
                           w.detach().expand(*batch, w.shape[-1]))
-    # Newton step from the (detached) root: value unchanged to rounding, gradient equals the
-    # implicit-function derivative -(dF/dparams) / F' with F = mixture(theta) - z
+    # attach the implicit-function gradient d theta = -dF / F' (F = mixture(theta) - z) without
+    # moving the value: a full Newton step from a root pinned at the end of float resolution
+    # (steep maps in float32) could jump far, while the solver's own last step already polished it
     f, df = _mixture(root, s, w)
-    x = root - (f - z) / df
-    x = wrap_angle(x)
+    residual = f - z
+    x = root - (residual - residual.detach()) / df
     _, dx = _mixture(x, s, w)
     return x, -torch.log(dx)

@@ -32,12 +32,15 @@ applies monotone rational-quadratic splines of ``[0, 1]`` (Durkan et al. 1906.04
 autoregressively, ``z'_k = s_k(z_k; a_k + sum_{j<k, m} B_{kjm} cos(m pi z_j))`` (a truncated
 cosine series in the earlier coordinates, coefficients ``a, B`` per site from the network),
 and maps back, ``g'_k = z'_k r'_k``. Stick breaking is a diffeomorphism of the open box onto
-the open simplex; the autoregressive spline map is a triangular diffeomorphism of the open box
-with positive diagonal, so the composite is a bijection of the open cell (a.e. all of it).
-The splines fix 0 and 1, so every face ``g_k = 0`` (``z_k = 0``) and ``g_N = 0`` (some
-``z_j = 1``) is mapped into itself and the map extends continuously to the closed cell: the
-centre elements (vertices) are fixed points and degenerate eigenvalues stay degenerate, so
-``P'`` is well defined there too.
+the open simplex; the autoregressive spline map is a triangular map of the box whose k-th
+component is, for fixed ``z_{<k}``, an increasing bijection of ``[0, 1]`` (so it is invertible
+coordinate by coordinate, with Jacobian the product of the diagonal slopes), so the composite
+is a diffeomorphism of the open cell onto itself. The splines fix 0 and 1, so every face
+``g_k = 0`` (``z_k = 0``) and ``g_N = 0`` (``z_j = 1``, after which the later ``z`` drop out)
+is mapped bijectively onto itself: the map is a homeomorphism of the closed cell, the centre
+elements (its vertices) are fixed points, degenerate eigenvalues stay degenerate and ``P'`` is
+well defined there too. Independent splines per coordinate (``n_cond=0``) are the special
+case without conditioning; the cosine conditioner only adds expressivity.
 
 Jacobian
 --------
@@ -182,7 +185,10 @@ class CanonicalCellSpline(nn.Module):
 
     @staticmethod
     def from_box(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`to_box`: ``g_k = z_k r_k``, ``r_{k+1} = r_k (1 - z_k)``; returns ``(g, sum log r_k)``."""
+        """Inverse of :meth:`to_box`: ``g_k = z_k r_k`` with ``r_{k+1} = r_k (1 - z_k)``.
+
+        Returns ``(g, sum_k log r_k)``.
+        """
         tiny = torch.finfo(z.dtype).tiny
         rem = torch.full_like(z[..., 0], TWO_PI)
         gs, log_rem = [], torch.zeros_like(rem)

@@ -1,0 +1,1 @@
+"""Training of flow models: losses and a minimal loop."""
