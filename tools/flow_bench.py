@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Flow quality and speed benchmarks (issue: flows quality targets).
+
+  python tools/flow_bench.py quality --theory u1_2d --beta 2 --shape 8 8 --max-time 600
+  python tools/flow_bench.py step --theory u1_2d --beta 1 --shape 8 8 --layers 16 --batch 1024
+
+``quality`` trains the theory's default flow (reverse KL or path gradient) for a wall-clock
+budget and prints the ESS of independent draws (not an IMH chain) against the step;
+``step`` times training steps of a fixed architecture. Figures go to docs/flows.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from gaugeflow.flows.models import build_flow_model
+from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
+from gaugeflow.theories import build_theory
+from gaugeflow.train.losses import path_gradient, reverse_kl
+
+PRESETS = {
+    "u1_2d": dict(name="u1_2d", kind="gauge", group="u1", dim=2),
+    "su2_2d": dict(name="su2_2d", kind="gauge", group="su2", dim=2),
+    "su3_2d": dict(name="su3_2d", kind="gauge", group="su3", dim=2),
+    "su3_4d": dict(name="su3_4d", kind="gauge", group="su3", dim=4),
+    "phi4_2d": dict(name="phi4_2d", kind="phi4", m2=-4.0, lam=8.0),
+}
+
+
+def make(args):
+    cfg = dict(PRESETS[args.theory])
+    if cfg["kind"] == "gauge":
+        cfg["beta"] = args.beta
+    theory = build_theory(cfg, args.shape)
+    dtype = torch.float64 if args.float64 else torch.float32
+    model = build_flow_model(theory, n_layers=args.layers, hidden=tuple(args.hidden), kernel_size=args.kernel,
+                             n_bins=args.bins, dtype=dtype)
+    return theory, model
+
+
+@torch.no_grad()
+def evaluate(model, theory, n, batch, gen):
+    lw = []
+    for _ in range(max(1, n // batch)):
+        x, log_q = model.sample(batch, gen)
+        lw.append(-theory.action(x).double() - log_q.double())
+    lw = torch.cat(lw)
+    return effective_sample_size(lw).item(), log_z_estimate(lw)
+
+
+def quality(args):
+    torch.manual_seed(args.seed)
+    theory, model = make(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    loss_fn = path_gradient if args.loss == "path_gradient" else reverse_kl
+    t0, step, curve = time.monotonic(), 0, []
+    train_time = 0.0
+    while step < args.steps and train_time < args.max_time:
+        ts = time.monotonic()
+        out = loss_fn(model, theory.action, args.batch, gen)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        train_time += time.monotonic() - ts
+        step += 1
+        if step % args.eval_every == 0:
+            ess, (lz, lz_err) = evaluate(model, theory, args.eval_n, args.batch, gen)
+            row = dict(step=step, train_seconds=round(train_time, 1), loss=out.loss.item(), ess=ess, log_z=lz, log_z_err=lz_err)
+            curve.append(row)
+            print(json.dumps(row), flush=True)
+    ess, (lz, lz_err) = evaluate(model, theory, args.final_n, args.batch, gen)
+    summary = dict(theory=args.theory, beta=args.beta, shape=args.shape, steps=step, train_seconds=round(train_time, 1),
+                   seconds_per_step=train_time / max(step, 1), final_ess=ess, log_z=lz, log_z_err=lz_err,
+                   threads=torch.get_num_threads(), params=sum(p.numel() for p in model.parameters()),
+                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, wall=time.monotonic() - t0)
+    print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(summary=summary, curve=curve), f, indent=1)
+
+
+def step_timing(args):
+    torch.manual_seed(args.seed)
+    theory, model = make(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = []
+    for i in range(args.warmup + args.repeats):
+        ts = time.perf_counter()
+        out = reverse_kl(model, theory.action, args.batch, gen)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - ts)
+    times.sort()
+    med = times[len(times) // 2]
+    print(json.dumps(dict(theory=args.theory, shape=args.shape, layers=args.layers, hidden=args.hidden, batch=args.batch,
+                          seconds_per_step=med, samples_per_second=args.batch / med, threads=torch.get_num_threads(),
+                          peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["quality", "step"])
+    p.add_argument("--theory", default="u1_2d", choices=sorted(PRESETS))
+    p.add_argument("--beta", type=float, default=2.0)
+    p.add_argument("--shape", type=int, nargs="+", default=[8, 8])
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, nargs="*", default=[32, 32])
+    p.add_argument("--kernel", type=int, default=3)
+    p.add_argument("--bins", type=int, default=8)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loss", default="reverse_kl", choices=["reverse_kl", "path_gradient"])
+    p.add_argument("--steps", type=int, default=10**9)
+    p.add_argument("--max-time", type=float, default=600.0, help="training seconds (evaluation excluded)")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-n", type=int, default=2048)
+    p.add_argument("--final-n", type=int, default=8192)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--float64", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (quality if args.mode == "quality" else step_timing)(args)
+
+
+if __name__ == "__main__":
+    main()
