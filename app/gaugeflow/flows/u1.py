@@ -65,6 +65,10 @@ class U1PlaquetteCoupling(FlowLayer):
         self.mu, self.nu = mask.mu, mask.nu
         self.planes = list(mask.frozen)
         self.register_buffer("link_mask", mask.links.clone(), persistent=False)
+        d = mask.links.dim()
+        onehot = torch.zeros((d,) + (1,) * d)
+        onehot[mask.mu] = 1.0
+        self.register_buffer("direction", onehot, persistent=False)
         self.register_buffer("frozen", torch.stack([mask.frozen[p] for p in self.planes]), persistent=False)
         self.net = net
         self.transform = transform
@@ -80,9 +84,10 @@ class U1PlaquetteCoupling(FlowLayer):
         phi = torch.remainder(plaquette_phases(links, self.mu, self.nu), TWO_PI)
         new_phi, logj = self.transform(phi, params, inverse=inverse)
         mask = self.link_mask.to(phi.dtype)
-        delta = (new_phi - phi) * mask
-        u_mu = links[:, self.mu] * torch.polar(torch.ones_like(delta), delta)[..., None, None]
-        out = torch.cat([links[:, :self.mu], u_mu[:, None], links[:, self.mu + 1:]], dim=1)
+        # the rotation of every link, zero off direction mu: a broadcast product instead
+        # of slicing and concatenating the link tensor (whose backward zero-fills it)
+        delta = ((new_phi - phi) * mask).unsqueeze(1) * self.direction.to(phi.dtype)
+        out = links * torch.polar(torch.ones_like(delta), delta)[..., None, None]
         sites = tuple(range(1, logj.dim()))
         return out, (logj * mask).sum(sites)
 
