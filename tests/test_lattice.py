@@ -66,3 +66,12 @@ def test_pad_is_periodic_halo(width):
         assert torch.equal(y[:, :, i], x[:, :, (i - width) % 4])
     z = pad(x, 0, width, lead=2)  # channels-first: lattice axis 0 is tensor axis 2
     assert torch.equal(z, pad(x, 1, width))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5])
+def test_pad_gradient(width):
+    from gaugeflow.lattice import pad
+
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: pad(t, 1, width), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: pad(t, 0, min(width, 3)), (x,))
