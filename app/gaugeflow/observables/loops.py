@@ -12,6 +12,33 @@ from gaugeflow.groups.matrix import dagger, mul, mul_dag
 from gaugeflow.lattice import shift
 
 
+def colour_major_links(links: torch.Tensor) -> list[torch.Tensor]:
+    """``[U_mu for mu in range(d)]``, each in the colour-major layout ``(batch, N, N, *L)``.
+
+    One transposing copy of the whole field for N > 1 (each direction comes out contiguous);
+    for U(1) (N = 1) only views. See :mod:`gaugeflow.groups.matrix` for the layout.
+    """
+    b, d = links.shape[:2]
+    sites = links.shape[2:-2]
+    n = links.shape[-1]
+    if n == 1:
+        x = links.movedim((-2, -1), (2, 3))
+        return [x[:, mu] for mu in range(d)]
+    v = links.reshape(b, d, -1, n, n).permute(1, 0, 3, 4, 2).contiguous()
+    return [v[mu].view(b, n, n, *sites) for mu in range(d)]
+
+
+def shift_cm(field: torch.Tensor, mu: int, n: int = 1) -> torch.Tensor:
+    """:func:`gaugeflow.lattice.shift` of a colour-major field ``(batch, N, N, *L)``.
+
+    The colour indices are folded into the batch axis, so the field reaches ``shift`` as
+    ``batch * N * N`` plain site fields ``(batch * N * N, *L)`` with the lattice axes at
+    ``1 .. d``; a halo-exchange shift sees nothing new.
+    """
+    k = field.shape[0] * field.shape[1] * field.shape[2]
+    return shift(field.reshape(k, *field.shape[3:]), mu, n).reshape(field.shape)
+
+
 def plaquette(links: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
     """Untraced plaquette ``P_{mu nu}(x)``, shape ``(batch, *L, N, N)``."""
     u_mu, u_nu = links[:, mu], links[:, nu]
