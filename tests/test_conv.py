@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gaugeflow.flows.conv import METHODS, ConvNet, PeriodicConv, periodic_conv
+from gaugeflow.flows.conv import METHODS, ConvNet, PeriodicConv, default_method, periodic_conv
 from gaugeflow.lattice import use_shift
 
 F64 = torch.float64
@@ -215,13 +215,32 @@ def test_initialisation_4d_bound():
     assert "bias" not in PeriodicConv(4, 6, 3, 4, bias=False).state_dict()
 
 
-def test_float32_agrees_with_float64(gen):
-    conv = PeriodicConv(2, 3, 3, 4)
-    x = rand_field(gen, 2, 2, (3, 2, 4, 3))
+@pytest.mark.parametrize("cin, ndim", [(2, 4), (16, 4), (2, 5), (3, 2)])
+def test_float32_agrees_with_float64(gen, cin, ndim):
+    # float32 takes another default method than float64 (fold or slices vs outfold)
+    conv = PeriodicConv(cin, 3, 3, ndim)
+    x = rand_field(gen, 2, cin, (3, 2, 4, 3, 2)[:ndim])
     y32 = conv(x.float())
     assert y32.dtype == torch.float32
     y64 = conv.to(F64)(x)
     torch.testing.assert_close(y32.double(), y64, rtol=0, atol=1e-5)
+
+
+def test_default_method_follows_the_benchmark():
+    assert default_method(torch.float32, 2, 3, 4) == "fold"  # first layer: fold 2 channels into 6
+    assert default_method(torch.float32, 16, 3, 4) == "fold"
+    assert default_method(torch.float32, 32, 3, 4) == "slices"  # hidden layer
+    assert default_method(torch.float32, 16, 3, 5) == "slices"  # 5d folds k^2 = 9 offsets
+    assert default_method(torch.float32, 2, 3, 5) == "fold"
+    assert default_method(torch.float64, 32, 3, 4) == "outfold"
+    assert default_method(torch.float64, 2, 3, 4) == "slices"
+    for d in (4, 5):
+        for dtype in (torch.float32, torch.float64):
+            assert default_method(dtype, 3, 3, d) in METHODS
+    x = torch.randn(1, 8, 2, 3, 2, 2, dtype=F64)
+    w = torch.randn(1, 8, 3, 3, 3, 3, dtype=F64)
+    assert torch.equal(periodic_conv(x, w, method="auto"), periodic_conv(x, w, method="outfold"))
+    assert torch.equal(periodic_conv(x, w), periodic_conv(x, w, method="outfold"))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -240,6 +259,12 @@ def test_rejects_bad_arguments():
         PeriodicConv(1, 1, 3, 0)
     with pytest.raises(ValueError, match="method"):
         PeriodicConv(1, 1, 3, 4, method="fft")
+    with pytest.raises(ValueError, match="method"):
+        periodic_conv(torch.zeros(1, 1, 2, 2, 2, 2), torch.zeros(1, 1, 3, 3, 3, 3), method="fft")
+    with pytest.raises(ValueError, match="odd"):
+        periodic_conv(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="does not match"):
+        periodic_conv(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3, 3))
     conv = PeriodicConv(2, 1, 3, 3)
     with pytest.raises(ValueError, match="expected input"):
         conv(torch.zeros(1, 3, 4, 4, 4))  # wrong channel count

@@ -3,7 +3,9 @@
 
 Torch has no conv4d; ``periodic_conv`` builds it from ``conv3d`` in one of several ways
 (``METHODS``: fold, slices, outfold, im2col; see the module docstring of
-``gaugeflow.flows.conv``). For each workload this times, in one process:
+``gaugeflow.flows.conv``), and ``auto`` is what it picks by default (``default_method``), so
+the table shows whether that rule still picks the fastest. For each workload this times, in
+one process:
 
 * ``fwd``: the forward pass under ``torch.no_grad()`` (sampling);
 * ``fwd+bwd``: forward and backward with gradients for input, weight and bias (training);
@@ -19,7 +21,7 @@ variant cannot win. Nothing here is a test; no timing is asserted.
 
 Example::
 
-    python tools/bench_conv.py --threads 1 --clock cpu
+    python tools/bench_conv.py --threads 1 --clock cpu --workloads all --dtype float32 float64
     python tools/bench_conv.py --threads 2
     python tools/bench_conv.py --workloads 4d-hidden --dtype float64 --json conv.json
 """
@@ -40,9 +42,12 @@ WORKLOADS = {
     # name: (batch, C_in, C_out, lattice shape, kernel)
     "4d-hidden": (8, 32, 32, (8, 8, 8, 8), 3),  # a hidden layer of a 4d context net
     "4d-first": (8, 2, 32, (8, 8, 8, 8), 3),  # the first layer: few input channels
+    "4d-c8": (8, 8, 32, (8, 8, 8, 8), 3),  # in-channel sweep between first and hidden layer
+    "4d-c16": (8, 16, 32, (8, 8, 8, 8), 3),
     "4d-small": (16, 32, 32, (4, 4, 4, 4), 3),  # small lattice, halo-dominated
     "4d-k5": (4, 16, 16, (8, 8, 8, 8), 5),  # wider kernel
     "5d": (4, 16, 16, (6, 6, 6, 6, 6), 3),  # m = 2 leading axes
+    "5d-first": (4, 2, 16, (6, 6, 6, 6, 6), 3),
 }
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -113,9 +118,17 @@ def bench(name: str, dtype: torch.dtype, methods, repeats: int, warmup: int, dev
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workloads", nargs="+", default=["4d-hidden", "4d-first", "4d-small"], choices=list(WORKLOADS))
+    p.add_argument(
+        "--workloads", nargs="+", default=["4d-hidden", "4d-first", "4d-small"], choices=[*WORKLOADS, "all"]
+    )
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[*METHODS, "auto"],
+        choices=[*METHODS, "auto"],
+        help="auto: what periodic_conv picks by default (default_method)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
@@ -128,6 +141,8 @@ def main(argv=None) -> None:
     )
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
+    if "all" in args.workloads:
+        args.workloads = list(WORKLOADS)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and (torch.get_num_threads() != 1 or args.device != "cpu"):

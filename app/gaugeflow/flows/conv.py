@@ -25,17 +25,39 @@ directly; for ``d >= 4`` the ``m = d - 3`` leading lattice axes are handled by o
              *output* channels, then the shifted diagonal ``y[x + a, a]`` is summed over ``a``.
 ``im2col``   full unfold along all d axes and one matmul with the ``(out, C * k^d)`` weight.
 
-Measured with ``python tools/bench_conv.py`` (torch 2.13 CPU, 2 threads, forward + backward,
-median of 7 rounds, ms; ``fold`` is the default for ``d >= 4``):
+Measured with ``tools/bench_conv.py`` on the shared 2-core development machine (torch 2.13 CPU,
+one thread, CPU time of that thread so that other processes' load does not inflate it; forward
++ backward w.r.t. input, weight and bias, halo included; median of 7 rounds, ms; "default" is
+what :func:`default_method` picks)::
 
-=========================================  ======  ======  =======  ======
-4d, batch, C_in -> C_out, lattice, dtype    fold   slices  outfold  im2col
-=========================================  ======  ======  =======  ======
-8 x 32 -> 32 on 8^4, float32                FOLD1  SLICE1  OUTF1    IM2C1
-8 x 2 -> 32 on 8^4, float32 (first layer)   FOLD2  SLICE2  OUTF2    IM2C2
-16 x 32 -> 32 on 4^4, float32               FOLD3  SLICE3  OUTF3    IM2C3
-8 x 32 -> 32 on 8^4, float64                FOLD4  SLICE4  OUTF4    IM2C4
-=========================================  ======  ======  =======  ======
+    workload (batch x C_in -> C_out, lattice, k=3)  dtype     fold  slices  outfold  im2col  default
+    8 x 2 -> 32 on 8^4 (first layer)                float32   26.2    50.6     80.1    78.1  fold
+    8 x 8 -> 32 on 8^4                              float32   65.2    78.8    111.6   337.4  fold
+    8 x 16 -> 32 on 8^4                             float32   99.5   112.5    168.1   739.6  fold
+    8 x 32 -> 32 on 8^4 (hidden layer)              float32  249.0   220.1    281.4  1821.7  slices
+    16 x 32 -> 32 on 4^4                            float32   33.6    32.7     44.6   181.5  slices
+    4 x 16 -> 16 on 8^4, k=5                        float32  171.5   177.0    254.0  2438.2  slices
+    4 x 2 -> 16 on 6^5                              float32   47.0    68.1    243.4   293.2  fold
+    4 x 16 -> 16 on 6^5                             float32  321.4   209.4    391.9  2300.9  slices
+    8 x 2 -> 32 on 8^4 (first layer)                float64  140.4    91.2    190.1   195.7  slices
+    8 x 8 -> 32 on 8^4                              float64  495.6   409.8    245.4   708.6  outfold
+    8 x 16 -> 32 on 8^4                             float64 1083.3  1152.2    634.2  1420.8  outfold
+    8 x 32 -> 32 on 8^4 (hidden layer)              float64 2312.8  2254.4   1332.3  2994.1  outfold
+    16 x 32 -> 32 on 4^4                            float64  344.6   232.8    167.7   311.1  outfold
+    4 x 16 -> 16 on 8^4, k=5                        float64 3232.7  3267.9   1404.7  7061.2  outfold
+    4 x 2 -> 16 on 6^5                              float64  450.8   225.0    320.2   504.2  slices
+    4 x 16 -> 16 on 6^5                             float64 3420.8  3280.4   1283.9  5443.2  outfold
+
+The full unfold (``im2col``) never wins: it copies the input k^d = 81 times. fold and slices
+are within 15% of each other in 4d float32 except for few input channels, where fold is 1.2-2x
+faster; forward-only times rank the same way (hidden layer float32: 71 / 64 / 93 / 838 ms).
+With two threads under the same machine's load (wall clock, 2-3x above these times) fold won
+every float32 case, hidden layer 565 vs 792 ms and 5d 749 vs 1823 ms: one conv call has fewer
+thread barriers to lose to preemption. Pass ``method="fold"`` where that is the regime; GPUs
+were not measured. Reproduce with::
+
+    python tools/bench_conv.py --threads 1 --clock cpu --workloads all --dtype float32 float64
+    python tools/bench_conv.py --threads 2 --workloads 4d-hidden 5d 4d-k5 --methods fold slices
 """
 
 from __future__ import annotations
@@ -50,11 +72,14 @@ from torch import nn
 
 from gaugeflow.lattice import pad
 
-__all__ = ["METHODS", "ConvNet", "PeriodicConv", "periodic_conv"]
+__all__ = ["METHODS", "ConvNet", "PeriodicConv", "default_method", "periodic_conv"]
 
-#: ways to convolve in d >= 4 (see the module docstring); ``None`` picks the default
+#: ways to convolve in d >= 4 (see the module docstring); ``None``/``"auto"`` picks per layer
 METHODS = ("fold", "slices", "outfold", "im2col")
-_DEFAULT_METHOD = "fold"
+# float32: fold while the folded input width C_in * k^(d-3) is at most this (measured)
+_FOLD_MAX_WIDTH = 48
+# float64: slices up to this many input channels, outfold beyond (measured)
+_SLICES_MAX_CHANNELS_F64 = 4
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -104,7 +129,7 @@ def _conv_fold(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         y = F.linear(u, w, bias)  # (B * V, out)
         return y.reshape(B, *lead, -1).movedim(-1, 1).contiguous()
     y = _CONV[c](u, w, bias)
-    # contiguous: the copy costs ~0.1% of the conv and spares callers a strided layout
+    # every method returns a contiguous result: the copy costs < 1% of the conv
     return y.reshape(B, *lead, *y.shape[1:]).movedim(1 + m, 1).contiguous()
 
 
@@ -127,7 +152,7 @@ def _conv_slices(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if bias is not None:
         y = y + bias.reshape(-1, *([1] * (d - m)))
     y = y.reshape(*lead, B, *y.shape[1:])  # (L_0..L_{m-1}, B, out, rest)
-    return y.permute(m, m + 1, *range(m), *range(m + 2, 2 + d))
+    return y.permute(m, m + 1, *range(m), *range(m + 2, 2 + d)).contiguous()
 
 
 def _conv_outfold(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
@@ -146,10 +171,27 @@ def _conv_outfold(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         y = y.unfold(1 + i, k, 1).diagonal(0, 1 + m, -1).sum(-1)
     if bias is not None:
         y = y + bias.reshape(-1, *([1] * (d - m)))
-    return y.movedim(1 + m, 1)
+    return y.movedim(1 + m, 1).contiguous()
 
 
 _IMPLS = {"fold": _conv_fold, "slices": _conv_slices, "outfold": _conv_outfold}
+
+
+def default_method(dtype: torch.dtype, in_channels: int, kernel_size: int, ndim: int) -> str:
+    """The method ``periodic_conv`` uses when none is given: the fastest one measured on CPU.
+
+    float64: ``outfold`` (torch's float64 conv has no oneDNN kernel and pays an im2col per
+    sample, which one wide ``outfold`` call shares among the ``k^m`` offsets), except for a few
+    input channels (a first layer), where its diagonal-sum backward costs more than it saves and
+    ``slices`` wins. Other dtypes: ``fold`` while the folded width ``in_channels * k^(d-3)`` is at
+    most 48 (it turns a first layer's 2 channels into a GEMM width oneDNN is efficient at),
+    ``slices`` beyond (no k-fold input copy, no unfold in the backward). For ``d <= 3`` the
+    answer does not matter: every method but ``im2col`` is torch's own conv.
+    """
+    if dtype == torch.float64:
+        return "slices" if in_channels <= _SLICES_MAX_CHANNELS_F64 else "outfold"
+    width = in_channels * kernel_size ** max(ndim - 3, 0)
+    return "fold" if width <= _FOLD_MAX_WIDTH else "slices"
 
 
 def periodic_conv(
@@ -162,9 +204,9 @@ def periodic_conv(
 
     ``weight`` is ``(C_out, C_in, k, ..., k)`` with d kernel axes and odd k (cross-correlation,
     as torch's conv): ``y[b, o, x] = bias[o] + sum_{i, a} weight[o, i, a] x[b, i, x + a - k//2]``
-    with periodic ``x + a - k//2``. ``method`` picks the d >= 4 algorithm (:data:`METHODS`,
-    default ``fold``). For d <= 3 every method but ``im2col`` is torch's own ``F.conv{d}d``
-    on the padded field (there are no leading axes to fold).
+    with periodic ``x + a - k//2``. ``method`` picks the d >= 4 algorithm (:data:`METHODS`;
+    ``None`` or ``"auto"``: :func:`default_method`). For d <= 3 every method but ``im2col`` is
+    torch's own ``F.conv{d}d`` on the padded field (there are no leading axes to fold).
     """
     d = x.dim() - 2
     if weight.dim() != d + 2:
@@ -172,12 +214,13 @@ def periodic_conv(
     k = weight.shape[-1]
     if any(s != k for s in weight.shape[2:]) or k % 2 == 0:
         raise ValueError(f"kernel must be cubic with odd size, got {tuple(weight.shape[2:])}")
-    method = _DEFAULT_METHOD if method is None else method
+    if method is None or method == "auto":
+        method = default_method(x.dtype, x.shape[1], k, d)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     xp = _halo(x, k // 2)
     if method == "im2col":
         return _conv_fold(xp, weight, bias, d)
-    if method not in _IMPLS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     if d <= 3:
         return _CONV[d](xp, weight, bias)
     return _IMPLS[method](xp, weight, bias, d - 3)
@@ -208,7 +251,7 @@ class PeriodicConv(nn.Module):
             raise ValueError(f"ndim must be a positive integer, got {ndim!r}")
         if in_channels < 1 or out_channels < 1:
             raise ValueError(f"channels must be positive, got {in_channels} -> {out_channels}")
-        if method is not None and method not in METHODS:
+        if method not in (None, "auto", *METHODS):
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         self.in_channels = int(in_channels)
         self.out_channels = int(out_channels)
@@ -238,7 +281,7 @@ class PeriodicConv(nn.Module):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, ndim={self.ndim}"
         if self.bias is None:
             s += ", bias=False"
-        if self.method is not None:
+        if self.method not in (None, "auto"):
             s += f", method={self.method!r}"
         return s
 
@@ -257,7 +300,8 @@ class ConvNet(nn.Module):
 
     ``activation`` follows every hidden layer, ``final_activation`` (default none) the last
     one. ``zero_init=True`` sets the last layer's weight and bias to exactly zero, so a coupling
-    layer driven by this network starts at the identity.
+    layer driven by this network starts at the identity. ``method`` goes to every layer
+    (default: each layer picks with :func:`default_method`).
     """
 
     def __init__(
