@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import time
 
@@ -62,6 +63,11 @@ def quality(args):
     t0, step, curve = time.monotonic(), 0, []
     train_time = 0.0
     while step < args.steps and train_time < args.max_time:
+        if args.cosine:
+            # cosine decay over the wall-clock budget: the budget, not a step count, is fixed
+            frac = min(1.0, train_time / args.max_time)
+            for group in opt.param_groups:
+                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * frac))
         ts = time.monotonic()
         out = loss_fn(model, theory.action, args.batch, gen)
         opt.zero_grad(set_to_none=True)
@@ -75,7 +81,8 @@ def quality(args):
             curve.append(row)
             print(json.dumps(row), flush=True)
     ess, (lz, lz_err) = evaluate(model, theory, args.final_n, args.batch, gen)
-    summary = dict(theory=args.theory, beta=args.beta, shape=args.shape, steps=step, train_seconds=round(train_time, 1),
+    summary = dict(theory=args.theory, beta=args.beta, shape=args.shape, layers=args.layers, hidden=args.hidden,
+                   batch=args.batch, lr=args.lr, loss=args.loss, cosine=args.cosine, steps=step, train_seconds=round(train_time, 1),
                    seconds_per_step=train_time / max(step, 1), final_ess=ess, log_z=lz, log_z_err=lz_err,
                    threads=torch.get_num_threads(), params=sum(p.numel() for p in model.parameters()),
                    peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, wall=time.monotonic() - t0)
@@ -119,6 +126,7 @@ def main():
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", default="reverse_kl", choices=["reverse_kl", "path_gradient"])
+    p.add_argument("--cosine", action="store_true", help="cosine learning-rate decay over --max-time")
     p.add_argument("--steps", type=int, default=10**9)
     p.add_argument("--max-time", type=float, default=600.0, help="training seconds (evaluation excluded)")
     p.add_argument("--eval-every", type=int, default=200)
