@@ -119,7 +119,7 @@ def main():
     p.add_argument("--theory", default="u1_2d", choices=sorted(PRESETS))
     p.add_argument("--beta", type=float, default=2.0)
     p.add_argument("--shape", type=int, nargs="+", default=[8, 8])
-    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--layers", type=int, default=None, help="default: the model builder's choice")
     p.add_argument("--hidden", type=int, nargs="*", default=[32, 32])
     p.add_argument("--kernel", type=int, default=3)
     p.add_argument("--bins", type=int, default=8)

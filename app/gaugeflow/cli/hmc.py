@@ -58,8 +58,7 @@ def run_hmc(cfg: DictConfig) -> dict:
     if h.continue_from:
         fields = _last_configuration(h.continue_from, theory)
     else:
-        with torch.random.fork_rng(devices=[]):
-            fields = theory.start(1, h.start, generator, precision)
+        fields = theory.start(1, h.start, generator, precision)
     fields = fields.to(device=device, dtype=theory.field_dtype(precision))
 
     attrs = theory.attributes()
@@ -164,18 +163,9 @@ def _exact_plaquette(theory) -> float | None:
     """Exact finite-volume plaquette for 2d Wilson theories, printed for comparison."""
     if not theory.is_gauge or theory.lattice.ndim != 2 or theory.params.get("c1", 0.0) != 0.0:
         return None
-    try:
-        from gaugeflow import exact
-    except ImportError:
-        return None
-    return exact_plaquette_2d(exact, theory)
+    from gaugeflow import exact
 
-
-def exact_plaquette_2d(exact, theory) -> float:
-    volume = theory.lattice.volume
-    if theory.group.N == 1:
-        return float(exact.u1_plaquette(theory.params["beta"], volume))
-    return float(exact.sun_plaquette(theory.group.N, theory.params["beta"], volume))
+    return exact.plaquette(theory.group.name, theory.params["beta"], theory.lattice.volume)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="hmc")

@@ -31,7 +31,7 @@ def default_kind(theory: Theory) -> str:
 def build_flow_model(
     theory: Theory,
     kind: str | None = None,
-    n_layers: int = 16,
+    n_layers: int | None = None,
     hidden: Sequence[int] = (32, 32),
     kernel_size: int = 3,
     activation: str = "leaky_relu",
@@ -42,10 +42,18 @@ def build_flow_model(
     zero_init: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> FlowModel:
-    """A :class:`FlowModel` for ``theory``; ``zero_init=True`` starts exactly at the identity map."""
+    """A :class:`FlowModel` for ``theory``; ``zero_init=True`` starts exactly at the identity map.
+
+    ``n_layers=None`` picks 16 for scalar and 2d gauge theories (two passes over the eight 2d
+    gauge masks) and one pass over the mask schedule (8 d layers) for gauge theories in d > 2,
+    so that every link is updated.
+    """
     kind = kind or default_kind(theory)
     if kind not in KINDS:
         raise ValueError(f"model.kind must be one of {list(KINDS)}, got {kind!r}")
+    if n_layers is None:
+        d = theory.lattice.ndim
+        n_layers = 16 if (not theory.is_gauge or d == 2) else 8 * d
     if n_layers < 1:
         raise ValueError(f"model.n_layers must be >= 1, got {n_layers}")
     shape = theory.lattice.shape

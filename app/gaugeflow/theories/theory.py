@@ -39,9 +39,6 @@ class Theory:
             return self.lattice.link_shape(batch, self.group.N)
         return self.lattice.site_shape(batch)
 
-    def real_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
-
     def field_dtype(self, precision: torch.dtype = torch.float64) -> torch.dtype:
         if self.is_gauge:
             return torch.complex64 if precision == torch.float32 else torch.complex128
