@@ -6,6 +6,7 @@ import importlib
 import sys
 
 JOBS = {
+    "train": ("gaugeflow.cli.train", "fit a normalizing flow to a theory (checkpoints, resume)"),
     "hmc": ("gaugeflow.cli.hmc", "generate an ensemble with Hybrid Monte Carlo"),
 }
 

@@ -75,8 +75,52 @@ class HMCJob:
     out: str = MISSING
 
 
+@dataclass
+class ModelConf:
+    kind: Optional[str] = None
+    n_layers: Optional[int] = None
+    hidden: List[int] = field(default_factory=lambda: [32, 32])
+    kernel_size: int = 3
+    activation: str = "leaky_relu"
+    transform: str = "spline"
+    n_bins: int = 8
+    n_mix: int = 6
+    bound: float = 4.0
+    zero_init: bool = False
+
+
+@dataclass
+class TrainConf:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 3e-3
+    loss: str = "reverse_kl"
+    schedule: str = "cosine"
+    grad_clip: Optional[float] = None
+    dtype: str = "float32"
+    max_time: Optional[str] = None
+    stop_after: Optional[int] = None
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep: int = 3
+    eval_samples: int = 1024
+    progress: bool = True
+
+
+@dataclass
+class TrainJob:
+    theory: TheoryConf = field(default_factory=TheoryConf)
+    lattice: LatticeConf = field(default_factory=LatticeConf)
+    model: ModelConf = field(default_factory=ModelConf)
+    train: TrainConf = field(default_factory=TrainConf)
+    seed: int = 0
+    device: str = "cpu"
+    resume: Optional[str] = None
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="hmc_schema", node=HMCJob)
+    cs.store(name="train_schema", node=TrainJob)
 
 

@@ -16,6 +16,7 @@ class LossOutput:
     loss: torch.Tensor
     log_q: torch.Tensor
     action: torch.Tensor
+    samples: torch.Tensor | None = None  # the batch, detached
 
 
 def reverse_kl(model, action, batch_size: int, generator: torch.Generator | None = None) -> LossOutput:
@@ -25,7 +26,7 @@ def reverse_kl(model, action, batch_size: int, generator: torch.Generator | None
     """
     x, log_q = model.sample(batch_size, generator)
     s = action(x)
-    return LossOutput((log_q + s).mean(), log_q.detach(), s.detach())
+    return LossOutput((log_q + s).mean(), log_q.detach(), s.detach(), x.detach())
 
 
 
@@ -56,4 +57,4 @@ def path_gradient(model, action, batch_size: int, generator: torch.Generator | N
     log_q = functional_call(_LogProb(model), state, (x,))
     s = action(x)
     # the value is the usual free-energy bound: log_q equals log_q_sample up to round-off
-    return LossOutput((log_q + s).mean(), log_q_sample.detach(), s.detach())
+    return LossOutput((log_q + s).mean(), log_q_sample.detach(), s.detach(), x.detach())
