@@ -129,15 +129,15 @@ def run_train(cfg: DictConfig) -> dict:
             ts = time.monotonic()
             out = loss_fn(model, action, t.batch_size, gen)
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(out.loss):
+            norm = torch.tensor(math.nan)
+            if torch.isfinite(out.loss):
+                out.loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else math.inf)
+            if torch.isfinite(norm):
+                opt.step()
+            else:
+                # a non-finite loss or gradient: skip the update, keep the schedule on time
                 skipped += 1
-                step += 1
-                done_here += 1
-                sched.step()
-                continue
-            out.loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else math.inf)
-            opt.step()
             sched.step()
             step += 1
             done_here += 1
