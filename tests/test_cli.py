@@ -111,6 +111,7 @@ def test_sigterm_ends_cleanly(tmp_path):
         (["hmc.integrator=euler"], "hmc.integrator"),
         (["hmc.continue_from=missing.h5"], "missing.h5: no such ensemble file"),
         (["theory.action=luscher"], "theory.action"),
+        (["theory.beta=nan"], "theory.beta must be finite"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):

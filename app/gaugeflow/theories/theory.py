@@ -111,6 +111,8 @@ def build_theory(cfg: Mapping[str, Any], shape) -> Theory:
             raise ValueError(f"lattice.shape={list(shape)}: a gauge theory needs d >= 2")
         group = get_group(cfg["group"])
         beta = float(cfg["beta"])
+        if not math.isfinite(beta):
+            raise ValueError(f"theory.beta must be finite, got {beta}")
         action = GaugeAction.named(group, beta, cfg.get("action", "wilson"), cfg.get("c1"))
         params = {"beta": beta, "action": str(cfg.get("action", "wilson")), "c0": action.c0, "c1": action.c1}
         return Theory(name, "gauge", lattice, action, group, params)
