@@ -1,6 +1,5 @@
 """Scalar and U(1) flows: invertibility, Jacobians against autograd, gauge and translation symmetry."""
 
-import itertools
 import math
 
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 from gaugeflow.flows.masks import gauge_mask, gauge_mask_schedule
 from gaugeflow.flows.models import build_flow_model
-from gaugeflow.flows.u1 import plaquette_phases
 from gaugeflow.groups import get_group
 from gaugeflow.lattice import shift
 from gaugeflow.theories import build_theory, gauge_transform

@@ -20,6 +20,12 @@ class UsageError(ValueError):
     """Bad input detected by gaugeflow: reported as one line, exit code 2."""
 
 
+def require(cond: bool, message: str) -> None:
+    """Raise :class:`UsageError` with ``message`` unless ``cond`` holds."""
+    if not cond:
+        raise UsageError(message)
+
+
 def fail(message: str, run_dir: str | None = None) -> None:
     """Print ``error: message``, remove a run directory that holds only bookkeeping, exit 2."""
     if run_dir is not None:

@@ -16,6 +16,7 @@ from gaugeflow.cli.common import (
     UsageError,
     guarded,
     parse_duration,
+    require,
     resolve_device,
     resolve_dtype,
     stop_on_sigterm,
@@ -30,21 +31,16 @@ from gaugeflow.theories import build_theory
 register()
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise UsageError(message)
-
-
 def run_hmc(cfg: DictConfig) -> dict:
     """Run the job described by ``cfg``; returns the summary it printed."""
     h = cfg.hmc
-    _check(h.n_traj >= 0, f"hmc.n_traj must be >= 0, got {h.n_traj}")
-    _check(h.n_therm >= 0, f"hmc.n_therm must be >= 0, got {h.n_therm}")
-    _check(h.save_every >= 1, f"hmc.save_every must be >= 1, got {h.save_every}")
-    _check(h.n_steps >= 1, f"hmc.n_steps must be >= 1, got {h.n_steps}")
-    _check(h.traj_length > 0, f"hmc.traj_length must be > 0, got {h.traj_length}")
-    _check(h.start in ("hot", "cold"), f"hmc.start must be hot or cold, got {h.start!r}")
-    _check(h.flow_time >= 0, f"hmc.flow_time must be >= 0, got {h.flow_time}")
+    require(h.n_traj >= 0, f"hmc.n_traj must be >= 0, got {h.n_traj}")
+    require(h.n_therm >= 0, f"hmc.n_therm must be >= 0, got {h.n_therm}")
+    require(h.save_every >= 1, f"hmc.save_every must be >= 1, got {h.save_every}")
+    require(h.n_steps >= 1, f"hmc.n_steps must be >= 1, got {h.n_steps}")
+    require(h.traj_length > 0, f"hmc.traj_length must be > 0, got {h.traj_length}")
+    require(h.start in ("hot", "cold"), f"hmc.start must be hot or cold, got {h.start!r}")
+    require(h.flow_time >= 0, f"hmc.flow_time must be >= 0, got {h.flow_time}")
     max_time = parse_duration(h.max_time, "hmc.max_time")
     precision = resolve_dtype(h.precision, "hmc.precision")
     device = resolve_device(cfg.device)

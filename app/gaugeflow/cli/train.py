@@ -18,6 +18,7 @@ from gaugeflow.cli.common import (
     UsageError,
     guarded,
     parse_duration,
+    require,
     resolve_device,
     resolve_dtype,
     stop_on_sigterm,
@@ -36,11 +37,6 @@ METRICS = ["step", "loss", "free_energy", "ess", "var_log_w", "plaquette", "lr",
            "seconds_per_step", "samples_per_second", "peak_memory_mb", "nonfinite_skipped"]
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise UsageError(message)
-
-
 def _eval_seed(seed: int) -> int:
     # the end-of-run evaluation draws from its own stream so it cannot disturb training
     return (seed * 2654435761 + 97) % (2**63 - 1)
@@ -48,15 +44,15 @@ def _eval_seed(seed: int) -> int:
 
 def run_train(cfg: DictConfig) -> dict:
     t = cfg.train
-    _check(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
-    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _check(t.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {t.loss!r}")
-    _check(t.schedule in ("cosine", "constant"), f"train.schedule must be cosine or constant, got {t.schedule!r}")
-    _check(t.stop_after is None or t.stop_after >= 1, f"train.stop_after must be >= 1, got {t.stop_after}")
-    _check(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
-    _check(t.keep >= 1, f"train.keep must be >= 1, got {t.keep}")
-    _check(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
+    require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    require(t.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {t.loss!r}")
+    require(t.schedule in ("cosine", "constant"), f"train.schedule must be cosine or constant, got {t.schedule!r}")
+    require(t.stop_after is None or t.stop_after >= 1, f"train.stop_after must be >= 1, got {t.stop_after}")
+    require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    require(t.keep >= 1, f"train.keep must be >= 1, got {t.keep}")
+    require(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
     max_time = parse_duration(t.max_time, "train.max_time")
     dtype = resolve_dtype(t.dtype, "train.dtype")
     device = resolve_device(cfg.device)

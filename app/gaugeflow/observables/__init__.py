@@ -49,6 +49,7 @@ __all__ = [
     "wilson_flow",
     "wilson_flow_generator",
     "wilson_flow_step",
+    "wilson_loop",
     "wilson_line",
     "wilson_staples",
 ]
