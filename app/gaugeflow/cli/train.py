@@ -23,12 +23,11 @@ from gaugeflow.cli.common import (
     resolve_dtype,
     stop_on_sigterm,
 )
+from gaugeflow.cli.build import model_from_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.schema import register
-from gaugeflow.flows.models import build_flow_model
 from gaugeflow.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
-from gaugeflow.theories import build_theory
 from gaugeflow.train.loop import LOSSES
 
 register()
@@ -69,13 +68,8 @@ def run_train(cfg: DictConfig) -> dict:
         run_dir = ck.path.parent.parent  # continue the same run
     # the initial weights come from torch's global generator: seed it for reproducible runs
     torch.manual_seed(int(cfg.seed))
-    try:
-        theory = build_theory(OmegaConf.to_container(cfg.theory, resolve=True), cfg.lattice.shape)
-        m = cfg.model
-        model = build_flow_model(theory, m.kind, m.n_layers, tuple(m.hidden), m.kernel_size, m.activation,
-                                 m.transform, m.n_bins, m.n_mix, m.bound, m.zero_init, dtype).to(device)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    theory = theory_from_config(cfg)
+    model = model_from_config(cfg, theory, dtype, device)
     opt = torch.optim.Adam(model.parameters(), lr=t.lr)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, t.steps) if t.schedule == "cosine"
              else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))

@@ -1,0 +1,29 @@
+"""Theory and flow model from a composed job config (shared by train, sample, score)."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gaugeflow.cli.common import UsageError
+from gaugeflow.flows.models import build_flow_model
+from gaugeflow.theories import build_theory
+
+
+def theory_from_config(cfg: DictConfig):
+    """The theory of ``cfg.theory`` on ``cfg.lattice.shape``; bad values are a :class:`UsageError`."""
+    try:
+        return build_theory(OmegaConf.to_container(cfg.theory, resolve=True), cfg.lattice.shape)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def model_from_config(cfg: DictConfig, theory, dtype: torch.dtype, device: torch.device):
+    """The flow of ``cfg.model`` for ``theory``; initial weights come from torch's global generator."""
+    m = cfg.model
+    try:
+        model = build_flow_model(theory, m.kind, m.n_layers, tuple(m.hidden), m.kernel_size, m.activation,
+                                 m.transform, m.n_bins, m.n_mix, m.bound, m.zero_init, dtype)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return model.to(device)
