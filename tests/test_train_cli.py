@@ -58,7 +58,7 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    for args, needle in [(["train.steps=0"], "train.steps"), (["train.loss=forward"], "train.loss"),
+    for args, needle in [(["train.steps=0"], "train.steps"), (["loss=forward_kl"], "loss.ensemble"),
                          (["resume=nowhere.h5"], "resume=nowhere.h5"), (["model.kind=affine"], "model.kind=affine")]:
         r = gaugeflow(*args, "hydra.run.dir=run", cwd=tmp_path)
         lines = r.stderr.strip().splitlines()

@@ -8,6 +8,7 @@ import sys
 JOBS = {
     "train": ("gaugeflow.cli.train", "fit a normalizing flow to a theory (checkpoints, resume)"),
     "hmc": ("gaugeflow.cli.hmc", "generate an ensemble with Hybrid Monte Carlo"),
+    "analyze": ("gaugeflow.cli.analyze", "estimates with Gamma-method errors and plots of an ensemble or training run"),
 }
 
 USAGE = "usage: gaugeflow <job> [key=value ...] [group=option ...] [--help]\n\njobs:\n" + "\n".join(

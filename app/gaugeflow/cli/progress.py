@@ -1,8 +1,9 @@
-"""Console progress with ETA (rich), shown only on a terminal."""
+"""Console progress with ETA (rich), shown only on a terminal and only on rank 0."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 
@@ -16,8 +17,14 @@ class _Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(show: bool, total: int, label: str) -> Iterator[_Bar]:
-    if not show:
+def progress_bar(show: bool, total: int, label: str, rank: int = 0) -> Iterator[_Bar]:
+    """A bar with ETA and a status text; a no-op unless ``show``, stdout is a terminal and this is rank 0.
+
+    Every rank of a distributed job runs the same loop; one bar per rank would
+    interleave on the shared terminal, so only rank 0 draws. In a batch log a
+    redrawn bar is only noise, hence the terminal check.
+    """
+    if not show or rank != 0 or not sys.stdout.isatty():
         yield _Bar()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -93,13 +93,13 @@ class ModelConf:
 class TrainConf:
     steps: int = 1000
     batch_size: int = 128
+    micro_batch_size: Optional[int] = None  # gradient accumulation: batch_size in chunks of this many
     lr: float = 3e-3
-    loss: str = "reverse_kl"
-    schedule: str = "cosine"
     grad_clip: Optional[float] = None
     dtype: str = "float32"
     max_time: Optional[str] = None
     stop_after: Optional[int] = None
+    max_nonfinite: int = 20  # consecutive skipped steps before the run stops
     log_every: int = 50
     checkpoint_every: int = 500
     keep: int = 3
@@ -108,11 +108,53 @@ class TrainConf:
 
 
 @dataclass
+class LossConf:
+    """``_target_`` names a :class:`gaugeflow.train.losses.Loss`; the other keys are its arguments."""
+
+    _target_: str = "gaugeflow.train.losses.ReverseKL"
+    name: str = "reverse_kl"
+    ensemble: Optional[str] = None  # forward_kl: the ensemble file
+    n_therm: Optional[int] = None  # forward_kl: leading configurations to drop
+
+
+@dataclass
+class OptimConf:
+    """``_target_`` names a torch optimizer; ``lr`` comes from ``train.lr``; null keys are not passed."""
+
+    _target_: str = "torch.optim.Adam"
+    name: str = "adam"
+    betas: Optional[List[float]] = None
+    eps: Optional[float] = None
+    weight_decay: Optional[float] = None
+    momentum: Optional[float] = None
+    nesterov: Optional[bool] = None
+
+
+@dataclass
+class SchedConf:
+    """``_target_`` names a :mod:`gaugeflow.train.schedules` class; null keys are not passed."""
+
+    _target_: str = "gaugeflow.train.schedules.Cosine"
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr: Optional[float] = None
+    step_size: Optional[int] = None
+    gamma: Optional[float] = None
+    factor: Optional[float] = None
+    patience: Optional[int] = None
+    window: Optional[int] = None
+    threshold: Optional[float] = None
+
+
+@dataclass
 class TrainJob:
     theory: TheoryConf = field(default_factory=TheoryConf)
     lattice: LatticeConf = field(default_factory=LatticeConf)
     model: ModelConf = field(default_factory=ModelConf)
     train: TrainConf = field(default_factory=TrainConf)
+    loss: LossConf = field(default_factory=LossConf)
+    optim: OptimConf = field(default_factory=OptimConf)
+    sched: SchedConf = field(default_factory=SchedConf)
     seed: int = 0
     device: str = "cpu"
     resume: Optional[str] = None

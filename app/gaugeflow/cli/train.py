@@ -26,9 +26,15 @@ from gaugeflow.cli.common import (
 from gaugeflow.cli.build import model_from_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.schema import register
-from gaugeflow.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from gaugeflow.io.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
-from gaugeflow.train.loop import LOSSES
+from gaugeflow.train.losses import LossOutput
 
 register()
 
@@ -41,17 +47,50 @@ def _eval_seed(seed: int) -> int:
     return (seed * 2654435761 + 97) % (2**63 - 1)
 
 
-def run_train(cfg: DictConfig) -> dict:
+def instantiate_node(node, key: str, **kwargs):
+    """Build the object a config group describes (``_target_`` + keys; null keys and ``name`` dropped).
+
+    Errors name the group key and keep only the underlying message.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    spec = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if v is not None and k != "name"}
+    try:
+        return instantiate(spec, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        msg = str(cause).splitlines()[0] if cause is not None and str(cause) else str(err).splitlines()[0]
+        if isinstance(cause, ImportError):
+            msg = f"{key}._target_={spec.get('_target_')!r} cannot be imported"
+        elif isinstance(cause, TypeError):
+            msg = f"{key}={node.get('name', spec.get('_target_'))}: {msg}"
+        raise UsageError(msg) from None
+
+
+def _check(cfg: DictConfig) -> None:
     t = cfg.train
     require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    mb = t.micro_batch_size
+    require(mb is None or (mb >= 1 and t.batch_size % mb == 0),
+            f"train.micro_batch_size must divide train.batch_size={t.batch_size}, got {mb}")
     require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    require(t.loss in LOSSES, f"train.loss must be one of {sorted(LOSSES)}, got {t.loss!r}")
-    require(t.schedule in ("cosine", "constant"), f"train.schedule must be cosine or constant, got {t.schedule!r}")
     require(t.stop_after is None or t.stop_after >= 1, f"train.stop_after must be >= 1, got {t.stop_after}")
     require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
+    require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     require(t.keep >= 1, f"train.keep must be >= 1, got {t.keep}")
+    require(t.max_nonfinite >= 1, f"train.max_nonfinite must be >= 1, got {t.max_nonfinite}")
     require(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
+
+
+class Diverged(RuntimeError):
+    """Too many consecutive non-finite steps: the run stops, its last good checkpoint intact."""
+
+
+def run_train(cfg: DictConfig) -> dict:
+    _check(cfg)
+    t = cfg.train
     max_time = parse_duration(t.max_time, "train.max_time")
     dtype = resolve_dtype(t.dtype, "train.dtype")
     device = resolve_device(cfg.device)
@@ -70,9 +109,13 @@ def run_train(cfg: DictConfig) -> dict:
     torch.manual_seed(int(cfg.seed))
     theory = theory_from_config(cfg)
     model = model_from_config(cfg, theory, dtype, device)
-    opt = torch.optim.Adam(model.parameters(), lr=t.lr)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, t.steps) if t.schedule == "cosine"
-             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    loss_fn = instantiate_node(cfg.loss, "loss")
+    try:
+        loss_fn.bind(theory, device, dtype)
+    except ValueError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    opt = instantiate_node(cfg.optim, "optim", params=model.parameters(), lr=t.lr)
+    sched = instantiate_node(cfg.sched, "sched", optimizer=opt, total_steps=t.steps)
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     step = 0
     if ck is not None:
@@ -81,22 +124,23 @@ def run_train(cfg: DictConfig) -> dict:
             opt.load_state_dict(ck.optim)
             sched.load_state_dict(ck.sched)
             gen.set_state(ck.rng["sampler"])
-        except (RuntimeError, KeyError, ValueError) as err:
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
             raise UsageError(f"resume={ck.path}: does not fit this model ({str(err).splitlines()[0]})") from None
         step = ck.step
 
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     metrics_path = run_dir / "metrics.csv"
     new_file = not metrics_path.exists()
-    loss_fn = LOSSES[t.loss]
     action = theory.action
+    micro = t.micro_batch_size or t.batch_size
 
     def checkpoint() -> pathlib.Path:
         return save_checkpoint(run_dir, step, model=model.state_dict(), optim=opt.state_dict(),
                                sched=sched.state_dict(), rng={"sampler": gen.get_state()},
                                theory=theory.name, config=config_yaml, keep=t.keep)
 
-    reason, skipped, done_here = "completed", 0, 0
+    reason, skipped, in_a_row, done_here = "completed", 0, 0, 0
+    path = None
     t0 = time.monotonic()
     show = bool(t.progress) and sys.stdout.isatty()
     last = {}
@@ -117,27 +161,26 @@ def run_train(cfg: DictConfig) -> dict:
                 reason = "train.stop_after"
                 break
             ts = time.monotonic()
-            out = loss_fn(model, action, t.batch_size, gen)
-            opt.zero_grad(set_to_none=True)
-            norm = torch.tensor(math.nan)
-            if torch.isfinite(out.loss):
-                out.loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else math.inf)
+            out, norm = _accumulated_step(model, opt, loss_fn, action, t.batch_size, micro, gen, t.grad_clip)
             if torch.isfinite(norm):
                 opt.step()
+                in_a_row = 0
             else:
                 # a non-finite loss or gradient: skip the update, keep the schedule on time
                 skipped += 1
-            sched.step()
+                in_a_row += 1
+            sched.step(out.loss.item())
             step += 1
             done_here += 1
             dt = time.monotonic() - ts
+            if in_a_row >= t.max_nonfinite:
+                last_good = list_checkpoints(run_dir)
+                raise Diverged(f"training stopped at step {step}: {in_a_row} consecutive steps with a non-finite "
+                               f"loss or gradient (train.max_nonfinite); last good checkpoint: "
+                               f"{last_good[-1] if last_good else 'none'}")
             if step % t.log_every == 0 or step == t.steps:
-                log_w = (-out.action - out.log_q).double()
-                row = dict(step=step, loss=out.loss.item(), free_energy=(out.log_q + out.action).mean().item(),
-                           ess=effective_sample_size(log_w).item(), var_log_w=log_w.var().item(),
-                           plaquette=_mean_plaquette(theory, out.samples),
-                           lr=opt.param_groups[0]["lr"], grad_norm=float(norm), seconds_per_step=dt,
+                row = _metrics(step, out, loss_fn, model, theory, gen.device, int(cfg.seed), t.batch_size)
+                row.update(lr=opt.param_groups[0]["lr"], grad_norm=float(norm), seconds_per_step=dt,
                            samples_per_second=t.batch_size / dt, peak_memory_mb=_peak_mb(device),
                            nonfinite_skipped=skipped)
                 writer.writerow(row)
@@ -145,13 +188,59 @@ def run_train(cfg: DictConfig) -> dict:
                 last = row
                 bar.advance(f"F={row['free_energy']:.4g} ess={row['ess']:.3f}")
             if step % t.checkpoint_every == 0:
-                checkpoint()
-        path = checkpoint()
+                path = checkpoint()
+        if path is None or list_checkpoints(run_dir)[-1] != checkpoint_path(run_dir, step):
+            path = checkpoint()
     seconds = time.monotonic() - t0
     summary = dict(step=step, stop_reason=reason, seconds=seconds, checkpoint=str(path), **_evaluate(
         model, theory, t.eval_samples, t.batch_size, cfg.seed, device))
     _report(theory, summary, last)
     return summary
+
+
+def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, clip):
+    """Gradients of the batch loss accumulated over ``batch / micro`` chunks; returns (merged output, norm).
+
+    Each chunk's mean loss is weighted by ``micro / batch``, so the sum is the batch mean.
+    A non-finite chunk loss ends the step early with a NaN norm (the update is skipped).
+    """
+    opt.zero_grad(set_to_none=True)
+    outs = []
+    for _ in range(batch // micro):
+        out = loss_fn(model, action, micro, gen)
+        outs.append(out)
+        if not torch.isfinite(out.loss):
+            break
+        # a single chunk is not rescaled, so the default path stays bitwise what it was
+        (out.loss if micro == batch else out.loss * (micro / batch)).backward()
+    merged = LossOutput(
+        loss=torch.stack([o.loss.detach() for o in outs]).mean(),
+        log_q=torch.cat([o.log_q for o in outs]),
+        action=torch.cat([o.action for o in outs]),
+        samples=torch.cat([o.samples for o in outs]) if outs[0].samples is not None else None,
+    )
+    if not torch.isfinite(merged.loss):
+        return merged, torch.tensor(math.nan)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)
+    return merged, norm
+
+
+def _metrics(step, out, loss_fn, model, theory, device, seed, batch) -> dict:
+    """The logged row: free-energy bound, ESS and plaquette come from draws of q.
+
+    For a loss that does not sample q (forward KL) a fresh batch is drawn, from a stream
+    keyed by (seed, step) so that logging never changes the training.
+    """
+    log_q, s, samples = out.log_q, out.action, out.samples
+    if not loss_fn.samples_from_model:
+        g = torch.Generator(device=device).manual_seed(_eval_seed(seed * 1_000_003 + step))
+        with torch.no_grad():
+            samples, log_q = model.sample(min(batch, 256), g)
+            s = theory.action(samples)
+    log_w = (-s - log_q).double()
+    return dict(step=step, loss=out.loss.item(), free_energy=(log_q + s).double().mean().item(),
+                ess=effective_sample_size(log_w).item(), var_log_w=log_w.var().item(),
+                plaquette=_mean_plaquette(theory, samples))
 
 
 def _mean_plaquette(theory, samples) -> float:
@@ -199,4 +288,8 @@ def _report(theory, summary, last) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
-    guarded(run_train)(cfg)
+    try:
+        guarded(run_train)(cfg)
+    except Diverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gaugeflow.groups import Group, get_group
+from gaugeflow.lattice.geometry import global_shape, site_sum
 
 
 class GaussianPrior(nn.Module):
@@ -26,8 +27,9 @@ class GaussianPrior(nn.Module):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         sites = tuple(range(1, z.dim()))
-        norm = z[0].numel() * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
-        return -0.5 * (z / self.sigma).square().sum(sites) - norm
+        # the whole lattice's volume: on a decomposed run z holds one block of it
+        norm = math.prod(global_shape(z.shape[1:])) * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
+        return -0.5 * site_sum((z / self.sigma).square(), sites) - norm
 
 
 class HaarPrior(nn.Module):

@@ -13,6 +13,7 @@ from torch import nn
 from gaugeflow.flows.base import FlowLayer
 from gaugeflow.flows.masks import checkerboard_mask
 from gaugeflow.flows.splines import unbounded_rational_quadratic_spline
+from gaugeflow.lattice.geometry import site_sum
 
 
 class _CheckerboardCoupling(FlowLayer):
@@ -27,7 +28,7 @@ class _CheckerboardCoupling(FlowLayer):
         return self.net((x * frozen).unsqueeze(1))  # (batch, n_params, *L)
 
     def _sum(self, v: torch.Tensor) -> torch.Tensor:
-        return (v * self.active.to(v.dtype)).flatten(1).sum(1)
+        return site_sum((v * self.active.to(v.dtype)).flatten(1), (1,))
 
 
 class AffineCoupling(_CheckerboardCoupling):

@@ -77,6 +77,7 @@ from gaugeflow.flows.masks import GaugeMask
 from gaugeflow.flows.splines import rational_quadratic_spline
 from gaugeflow.groups import SU, Group, get_group
 from gaugeflow.groups.matrix import dagger, trace
+from gaugeflow.lattice.geometry import site_sum
 from gaugeflow.observables.loops import plaquette
 
 __all__ = [
@@ -353,8 +354,8 @@ class SUNPlaquetteCoupling(FlowLayer):
 
     def forward(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, ld = self.transform(links, inverse=False)
-        return out, ld.flatten(1).sum(1)
+        return out, site_sum(ld.flatten(1), (1,))
 
     def inverse(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, ld = self.transform(links, inverse=True)
-        return out, ld.flatten(1).sum(1)
+        return out, site_sum(ld.flatten(1), (1,))

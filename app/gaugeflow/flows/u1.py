@@ -20,6 +20,7 @@ from gaugeflow.flows.base import FlowLayer
 from gaugeflow.flows.masks import GaugeMask
 from gaugeflow.flows.splines import circular_rational_quadratic_spline, ncp_mixture
 from gaugeflow.lattice import shift
+from gaugeflow.lattice.geometry import site_sum
 
 TWO_PI = 2 * math.pi
 
@@ -89,7 +90,7 @@ class U1PlaquetteCoupling(FlowLayer):
         delta = ((new_phi - phi) * mask).unsqueeze(1) * self.direction.to(phi.dtype)
         out = links * torch.polar(torch.ones_like(delta), delta)[..., None, None]
         sites = tuple(range(1, logj.dim()))
-        return out, (logj * mask).sum(sites)
+        return out, site_sum(logj * mask, sites)
 
     def forward(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._transform(links, inverse=False)

@@ -8,14 +8,24 @@ site field for direction mu.
 Every neighbour access in the physics modules goes through :func:`shift`. A
 domain-decomposed run replaces the periodic ``torch.roll`` by a halo exchange
 with :func:`use_shift`, without touching actions, observables or flows.
+
+The other hooks a decomposition (:mod:`gaugeflow.dist.domain`) installs with
+:func:`use_domain`: :func:`site_sum` / :func:`site_reduce` complete a sum over this
+block's sites into the sum over the whole lattice, :func:`global_shape` gives the extents
+of the whole lattice (volumes and means divide by them), and :func:`coordinates` counts
+from the block's global origin, so checkerboards and coupling masks built for a block
+are the global ones restricted to it. Without a domain all of them are the plain
+single-process operations.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,6 +36,22 @@ _SHIFT_IMPL: contextvars.ContextVar[ShiftFn | None] = contextvars.ContextVar(
     "gaugeflow_shift_impl", default=None
 )
 _PAD_IMPL: contextvars.ContextVar[PadFn | None] = contextvars.ContextVar("gaugeflow_pad_impl", default=None)
+
+
+class Domain(Protocol):
+    """What the site-sum, volume and coordinate hooks ask of a domain decomposition."""
+
+    def site_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The whole lattice's sum from this block's partial sum (differentiable)."""
+
+    def global_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Extents of the whole lattice whose block has extents ``shape``."""
+
+    def origin(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Global coordinates of the first site of the block of extents ``shape``."""
+
+
+_DOMAIN: contextvars.ContextVar[Domain | None] = contextvars.ContextVar("gaugeflow_domain", default=None)
 
 
 def shift(field: torch.Tensor, mu: int, n: int = 1) -> torch.Tensor:
@@ -53,6 +79,11 @@ def pad(field: torch.Tensor, mu: int, width: int, lead: int = 1) -> torch.Tensor
     impl = _PAD_IMPL.get()
     if impl is not None:
         return impl(field, mu, width, lead)
+    return periodic_pad(field, mu, width, lead)
+
+
+def periodic_pad(field: torch.Tensor, mu: int, width: int, lead: int = 1) -> torch.Tensor:
+    """:func:`pad` of a field that holds the whole of axis mu (no halo exchange)."""
     if width == 0:
         return field
     dim = lead + mu
@@ -101,6 +132,57 @@ def use_shift(fn: ShiftFn, pad_fn: PadFn | None = None) -> Iterator[None]:
             _PAD_IMPL.reset(ptoken)
 
 
+@contextlib.contextmanager
+def use_domain(domain: Domain) -> Iterator[None]:
+    """Route :func:`site_sum`, :func:`global_shape` and :func:`coordinates` through ``domain``."""
+    token = _DOMAIN.set(domain)
+    try:
+        yield
+    finally:
+        _DOMAIN.reset(token)
+
+
+def site_reduce(partial: torch.Tensor) -> torch.Tensor:
+    """Complete a per-configuration sum over this block's sites into the sum over all sites.
+
+    For sums that are already taken (e.g. by a fused kernel); the identity without a domain.
+    """
+    domain = _DOMAIN.get()
+    return partial if domain is None else domain.site_reduce(partial)
+
+
+def site_sum(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``x.sum(dims)`` over the lattice axes ``dims``, summed over the whole lattice on a decomposed run."""
+    domain = _DOMAIN.get()
+    dims = tuple(dims)
+    if domain is None:
+        return x.sum(dims)
+    return domain.site_reduce(x.sum(dims) if dims else x)
+
+
+def site_mean(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``x.mean(dims)`` over *all* lattice axes ``dims`` (in order), over the whole lattice."""
+    domain = _DOMAIN.get()
+    dims = tuple(dims)
+    if domain is None:
+        return x.mean(dims)
+    n = math.prod(domain.global_shape(tuple(x.shape[i] for i in dims)))
+    return domain.site_reduce(x.sum(dims)) / n
+
+
+def global_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Extents of the whole lattice of which a field of extents ``shape`` is the local block."""
+    domain = _DOMAIN.get()
+    shape = tuple(int(s) for s in shape)
+    return shape if domain is None else tuple(domain.global_shape(shape))
+
+
+def local_origin(shape: Sequence[int]) -> tuple[int, ...]:
+    """Global coordinates of site 0 of the local block of extents ``shape`` (zeros without a domain)."""
+    domain = _DOMAIN.get()
+    return (0,) * len(shape) if domain is None else tuple(domain.origin(tuple(int(s) for s in shape)))
+
+
 def validate_shape(shape: Sequence[int], key: str = "lattice.shape") -> tuple[int, ...]:
     """Check a lattice shape; raise ``ValueError`` naming ``key`` if it is not usable."""
     try:
@@ -128,11 +210,14 @@ class Lattice:
         return len(self.shape)
 
     @property
+    def global_shape(self) -> tuple[int, ...]:
+        """Extents of the whole lattice; ``shape`` itself except on a decomposed run (:func:`use_domain`)."""
+        return global_shape(self.shape)
+
+    @property
     def volume(self) -> int:
-        v = 1
-        for s in self.shape:
-            v *= s
-        return v
+        """Number of sites of the whole lattice (on a decomposed run, not of the local block)."""
+        return math.prod(self.global_shape)
 
     @property
     def planes(self) -> list[tuple[int, int]]:
@@ -151,8 +236,13 @@ class Lattice:
 
 
 def coordinates(shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
-    """Integer coordinates, shape ``(d, L_0, ..., L_{d-1})``."""
-    axes = [torch.arange(s, device=device) for s in shape]
+    """Integer coordinates, shape ``(d, L_0, ..., L_{d-1})``.
+
+    Global ones: on a decomposed run the block's origin is added, so parities, masks and
+    checkerboards of the block agree with those of the whole lattice.
+    """
+    origin = local_origin(shape)
+    axes = [torch.arange(o, o + s, device=device) for o, s in zip(origin, shape)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"))
 
 

@@ -15,6 +15,7 @@ import torch
 from gaugeflow.groups import Group, get_group
 from gaugeflow.groups.matrix import dagger, mul, re_trace, re_trace_mul, trace
 from gaugeflow.lattice import shift
+from gaugeflow.lattice.geometry import global_shape, site_mean
 from gaugeflow.observables.loops import rectangular_loop
 
 __all__ = [
@@ -64,7 +65,7 @@ def mean_plaquette(links: torch.Tensor) -> torch.Tensor:
             # closing product is never formed, only its trace.
             a = mul(u_mu, shift(u_nu, mu, 1))
             b = mul(u_nu, shift(u_mu, nu, 1))
-            total = total + re_trace_mul(a, dagger(b)).mean(sites)
+            total = total + site_mean(re_trace_mul(a, dagger(b)), sites)
     return total / (n * d * (d - 1) // 2)
 
 
@@ -85,7 +86,7 @@ def wilson_loop(links: torch.Tensor, r: int, t: int) -> torch.Tensor:
     for mu in range(d):
         for nu in range(mu + 1, d):
             for a, b in shapes:
-                total = total + re_trace(rectangular_loop(links, mu, nu, a, b)).mean(sites)
+                total = total + site_mean(re_trace(rectangular_loop(links, mu, nu, a, b)), sites)
     return total / (n * len(shapes) * d * (d - 1) // 2)
 
 
@@ -119,9 +120,10 @@ def polyakov_loop(links: torch.Tensor, mu: int = -1) -> torch.Tensor:
     if not -d <= mu < d:
         raise ValueError(f"direction mu={mu} out of range for d={d}")
     mu = mu % d
-    length = links.shape[2 + mu]
+    # the loop winds around the whole lattice, not the local block of a decomposed run
+    length = global_shape(links.shape[2 : 2 + d])[mu]
     loop = _line_around(links[:, mu], mu, length)
-    return trace(loop).mean(_site_axes(d)) / n
+    return site_mean(trace(loop), _site_axes(d)) / n
 
 
 def polyakov_loop_abs(links: torch.Tensor, mu: int = -1) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from gaugeflow.groups import Group, get_group
 from gaugeflow.groups.matrix import dagger_cm, mul, mul_cm, re_dot, re_trace
 from gaugeflow.lattice import shift
+from gaugeflow.lattice.geometry import site_reduce, site_sum
 from gaugeflow.observables.loops import colour_major_links, rectangle, shift_cm
 
 IMPROVEMENTS = {"wilson": 0.0, "symanzik": -1.0 / 12.0, "iwasaki": -0.331, "dbw2": -1.4088}
@@ -43,7 +44,8 @@ class GaugeAction:
 
     def plaquette_sum(self, links: torch.Tensor) -> torch.Tensor:
         """``sum_x sum_{mu<nu} Re tr P_{mu nu}(x)`` per configuration."""
-        return _by_batch_chunks(_plaquette_sum, links)
+        # re_dot sums over the block's sites itself: one reduction completes all chunks
+        return site_reduce(_by_batch_chunks(_plaquette_sum, links))
 
     def rectangle_sum(self, links: torch.Tensor) -> torch.Tensor:
         d = links.shape[1]
@@ -52,7 +54,7 @@ class GaugeAction:
         for mu in range(d):
             for nu in range(d):
                 if mu != nu:
-                    total = total + re_trace(rectangle(links, mu, nu)).sum(sites)
+                    total = total + site_sum(re_trace(rectangle(links, mu, nu)), sites)
         return total
 
     def __call__(self, links: torch.Tensor) -> torch.Tensor:

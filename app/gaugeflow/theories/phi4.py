@@ -15,6 +15,7 @@ import math
 import torch
 
 from gaugeflow.lattice import shift
+from gaugeflow.lattice.geometry import site_sum
 
 
 def _sites(phi: torch.Tensor) -> tuple[int, ...]:
@@ -32,7 +33,7 @@ class Phi4Action:
         d = phi.dim() - 1
         kin = sum((shift(phi, mu, 1) - phi).square() for mu in range(d))
         phi2 = phi.square()
-        return (kin + self.m2 * phi2 + self.lam * phi2.square()).sum(_sites(phi))
+        return site_sum(kin + self.m2 * phi2 + self.lam * phi2.square(), _sites(phi))
 
     def grad(self, phi: torch.Tensor) -> torch.Tensor:
         """``dS/dphi(x)``."""
@@ -65,7 +66,7 @@ class Phi4HoppingAction:
         d = phi.dim() - 1
         hop = sum(phi * shift(phi, mu, 1) for mu in range(d))
         phi2 = phi.square()
-        return (-2 * self.kappa * hop + phi2 + self.lam_tilde * (phi2 - 1).square()).sum(_sites(phi))
+        return site_sum(-2 * self.kappa * hop + phi2 + self.lam_tilde * (phi2 - 1).square(), _sites(phi))
 
     def grad(self, phi: torch.Tensor) -> torch.Tensor:
         """``dS/dphi(x)``."""

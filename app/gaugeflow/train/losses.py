@@ -58,3 +58,89 @@ def path_gradient(model, action, batch_size: int, generator: torch.Generator | N
     s = action(x)
     # the value is the usual free-energy bound: log_q equals log_q_sample up to round-off
     return LossOutput((log_q + s).mean(), log_q_sample.detach(), s.detach(), x.detach())
+
+
+def forward_kl(model, data: torch.Tensor, batch_size: int, generator: torch.Generator | None = None) -> LossOutput:
+    """``E_p[-log q]`` over configurations ``data`` drawn from p (e.g. an HMC ensemble).
+
+    Minimising it minimises ``KL(p||q)`` (mass-covering, unlike the reverse KL); it needs
+    no sampling from q but only as many independent targets as the ensemble holds.
+    """
+    idx = torch.randint(data.shape[0], (batch_size,), generator=generator, device=generator.device
+                        if generator is not None else data.device)
+    x = data[idx.to(data.device)]
+    log_q = model.log_prob(x)
+    return LossOutput(-log_q.mean(), log_q.detach(), torch.full_like(log_q, float("nan")).detach(), x)
+
+
+class Loss:
+    """A training objective configured from the ``loss`` group: ``loss(model, action, batch, gen)``.
+
+    ``samples_from_model`` tells the trainer whether the returned ``log_q``/``action`` describe
+    draws of q (so batch ESS and the free-energy bound can be logged from them).
+    """
+
+    samples_from_model = True
+
+    def bind(self, theory, device: torch.device, dtype: torch.dtype) -> None:  # noqa: ARG002
+        """Prepare for ``theory`` (e.g. load data); the default needs nothing."""
+
+    def __call__(self, model, action, batch_size: int, generator=None) -> LossOutput:
+        raise TypeError(f"{type(self).__name__} must define __call__")
+
+
+class ReverseKL(Loss):
+    """Reverse KL by reparametrisation (Albergo et al. 1904.12072); its value is ``F_q >= -log Z``."""
+
+    def __call__(self, model, action, batch_size, generator=None):
+        return reverse_kl(model, action, batch_size, generator)
+
+
+class PathGradient(Loss):
+    """Reverse KL with path gradients (Vaitl et al. 2206.09016, 2207.08219)."""
+
+    def __call__(self, model, action, batch_size, generator=None):
+        return path_gradient(model, action, batch_size, generator)
+
+
+class ForwardKL(Loss):
+    """Forward KL from an ensemble file of the same theory and lattice (``loss.ensemble``).
+
+    The first ``n_therm`` configurations are dropped; the rest are held in memory.
+    """
+
+    samples_from_model = False
+
+    def __init__(self, ensemble: str | None = None, n_therm: int = 0):
+        if not ensemble:
+            raise ValueError("loss.ensemble must name an ensemble file for the forward KL")
+        if n_therm < 0:
+            raise ValueError(f"loss.n_therm must be >= 0, got {n_therm}")
+        self.ensemble, self.n_therm = str(ensemble), int(n_therm)
+        self.data: torch.Tensor | None = None
+
+    def bind(self, theory, device, dtype):
+        import numpy as np
+
+        from gaugeflow.io.ensemble import read_ensemble
+
+        ens = read_ensemble(self.ensemble)
+        where = f"loss.ensemble={self.ensemble}"
+        if ens.theory != theory.name:
+            raise ValueError(f"{where}: ensemble of theory {ens.theory!r}, not {theory.name!r}")
+        shape = [int(s) for s in np.atleast_1d(ens.attrs.get("shape", []))]
+        if shape != list(theory.lattice.shape):
+            raise ValueError(f"{where}: lattice shape {shape}, not {list(theory.lattice.shape)}")
+        for k, v in theory.params.items():
+            # an ensemble at other couplings samples another distribution
+            if isinstance(v, float) and k in ens.attrs and not np.isclose(float(ens.attrs[k]), v, rtol=1e-12):
+                raise ValueError(f"{where}: ensemble has {k}={float(ens.attrs[k])}, the theory {k}={v}")
+        x = ens.tensor()[self.n_therm:]
+        if x.shape[0] == 0:
+            raise ValueError(f"{where}: no configurations after loss.n_therm={self.n_therm}")
+        self.data = x.to(device=device, dtype=theory.field_dtype(dtype))
+
+    def __call__(self, model, action, batch_size, generator=None):  # noqa: ARG002
+        if self.data is None:
+            raise RuntimeError("ForwardKL.bind(theory, ...) must be called before training")
+        return forward_kl(model, self.data, batch_size, generator)

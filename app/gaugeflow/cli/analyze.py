@@ -1,0 +1,363 @@
+"""``gaugeflow analyze``: estimates with errors and plots for an ensemble file and/or a training run.
+
+A Markov chain (HMC, a flow independence-Metropolis chain) is analysed with the Gamma
+method; independent flow draws (``log_q`` and ``log_p`` but no ``accepted``) are
+reweighted to the target with ``log w = log p - log q``. The run directory receives
+``summary.json`` and ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import hydra
+import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require
+from gaugeflow.cli.schema import TheoryConf
+from gaugeflow.io.ensemble import EnsembleError, read_ensemble
+from gaugeflow.sampling.statistics import MIN_SAMPLES, Estimate
+from gaugeflow.sampling.summary import summarize
+
+#: per-configuration datasets that are not observables: the densities, and what is reported derived
+NOT_OBSERVABLES = ("log_q", "log_p", "accepted", "delta_h")
+#: action parameters shown in the report, in this order, where the file has them
+PARAMS = ("beta", "action", "c1", "form", "m2", "lam", "kappa", "lam_tilde")
+#: sampler attribute of independent flow draws (the only sampler that is not a chain)
+REWEIGHT_SAMPLER = "flow_reweight"
+
+
+@dataclass
+class AnalyzeJob:
+    ensemble: Optional[str] = None
+    run: Optional[str] = None
+    # `theory=<preset>` is a group override in Hydra (conf/theory exists), so the preset is
+    # composed here; only its name is compared with the ensemble's `theory` attribute
+    theory: Optional[TheoryConf] = None
+    n_therm: int = 0
+    s_tau: float = 2.0
+    plots: bool = True
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="analyze_schema", node=AnalyzeJob)
+
+
+register()
+
+
+@dataclass
+class EnsembleAnalysis:
+    path: pathlib.Path
+    attrs: dict[str, Any]
+    n_cfg: int
+    n_therm: int
+    method: str  # gamma_method | reweighted
+    series: dict[str, np.ndarray]
+    estimates: dict[str, Estimate]
+    log_w: np.ndarray | None = None
+    reweighting: dict[str, float] = field(default_factory=dict)
+    exact: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingRun:
+    path: pathlib.Path  # metrics.csv
+    columns: dict[str, np.ndarray]
+    n_rows: int
+
+    def last(self) -> dict[str, float]:
+        return {k: (int(v[-1]) if k == "step" else float(v[-1])) for k, v in self.columns.items()}
+
+
+def run_analyze(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> dict:
+    """Analyse ``cfg.ensemble`` and/or ``cfg.run`` into ``out_dir`` (default: the Hydra run dir).
+
+    Returns ``{"summary": <summary.json content>, "summary_path": str, "plots": [str, ...]}``.
+    """
+    require(bool(cfg.ensemble) or bool(cfg.run),
+            "nothing to analyze: give ensemble=<file> and/or run=<training run dir>")
+    require(cfg.n_therm >= 0, f"n_therm must be >= 0, got {cfg.n_therm}")
+    require(math.isfinite(cfg.s_tau) and cfg.s_tau >= 0, f"s_tau must be >= 0, got {cfg.s_tau}")
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    out = pathlib.Path(out_dir)
+    want_theory = cfg.theory.name if cfg.get("theory") is not None else None
+
+    # every input is read and checked before anything is written
+    ens = _analyze_ensemble(cfg.ensemble, want_theory, int(cfg.n_therm), float(cfg.s_tau)) if cfg.ensemble else None
+    training = read_metrics(cfg.run) if cfg.run else None
+    summary = _summary(ens, training, float(cfg.s_tau))
+
+    written: list[pathlib.Path] = []
+    try:
+        if cfg.plots:
+            if ens is not None:
+                _plot_ensemble(ens, out / "plots", float(cfg.s_tau), written)
+            if training is not None:
+                _plot_training(training, out / "plots", written)
+        summary_path = write_json(out / "summary.json", summary)
+    except BaseException:
+        # a half-finished set of plots would pass for a complete analysis
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    _report(ens, training, summary_path, written, float(cfg.s_tau))
+    return {"summary": summary, "summary_path": str(summary_path), "plots": [str(p) for p in written]}
+
+
+# ---------------------------------------------------------------------------- ensemble
+
+
+def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: float) -> EnsembleAnalysis:
+    ens = read_ensemble(path, load_fields=False)
+    if want_theory is not None and ens.theory != want_theory:
+        raise UsageError(f"ensemble={path}: ensemble of theory {ens.theory!r}, not {want_theory!r}")
+    if ens.n_cfg == 0:
+        raise EnsembleError(f"{ens.path}: ensemble holds no configurations")
+    require(n_therm < ens.n_cfg, f"n_therm={n_therm} leaves none of the {ens.n_cfg} configurations of {path}")
+    cols = {k: v[n_therm:] for k, v in ens.columns.items() if v.dtype.kind in "biuf"}
+    sampler = str(ens.attrs.get("sampler", ""))
+    has_weights = "log_q" in cols and "log_p" in cols
+    chain = "accepted" in cols or sampler not in ("", REWEIGHT_SAMPLER)
+    if not chain and not has_weights:
+        if sampler == REWEIGHT_SAMPLER:
+            raise EnsembleError(f"{ens.path}: sampler {REWEIGHT_SAMPLER!r} but no 'log_q' and 'log_p' datasets")
+        chain = True  # nothing to reweight with; the Gamma method is right for independent draws too
+
+    series: dict[str, np.ndarray] = {}
+    if "accepted" in cols:
+        series["acceptance"] = cols["accepted"].astype(np.float64)
+    if "delta_h" in cols:
+        # <exp(-dH)> = 1 is the HMC check that `gaugeflow hmc` prints too
+        series["exp_minus_delta_h"] = np.exp(-cols["delta_h"].astype(np.float64))
+    for k, v in cols.items():
+        if k not in NOT_OBSERVABLES:
+            series[k] = v.astype(np.float64)
+
+    log_w = None
+    reweighting: dict[str, float] = {}
+    if not chain:
+        import torch
+
+        from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
+
+        log_w = cols["log_p"].astype(np.float64) - cols["log_q"].astype(np.float64)
+        bad = np.isnan(log_w) | (log_w == np.inf)
+        if bad.any():
+            raise EnsembleError(f"{ens.path}: {int(bad.sum())} log weights log_p - log_q are NaN or +inf")
+        lw = torch.from_numpy(log_w)
+        ess = effective_sample_size(lw).item()
+        log_z, log_z_err = log_z_estimate(lw)
+        reweighting = {"ess": ess, "n_eff": ess * log_w.size, "log_z": log_z, "log_z_err": log_z_err}
+    estimates = summarize(series, log_w, s_tau)
+    return EnsembleAnalysis(ens.path, ens.attrs, ens.n_cfg, n_therm, "gamma_method" if chain else "reweighted",
+                            series, estimates, log_w, reweighting, _exact(ens.attrs))
+
+
+def _exact(attrs: dict[str, Any]) -> dict[str, float]:
+    """Exact finite-volume plaquette of 2d Wilson gauge theories (character expansion)."""
+    group = attrs.get("group")
+    shape = [int(s) for s in np.atleast_1d(attrs.get("shape", []))]
+    c1 = attrs.get("c1", 0.0 if attrs.get("action", "wilson") == "wilson" else None)
+    if not group or group == "none" or len(shape) != 2 or c1 != 0.0 or "beta" not in attrs:
+        return {}
+    from gaugeflow import exact
+
+    try:
+        return {"plaquette": exact.plaquette(str(group), float(attrs["beta"]), tuple(shape))}
+    except (ValueError, TypeError, OverflowError):
+        return {}  # a group exact.py does not know: nothing to compare with
+
+
+def _autocorrelation(x: np.ndarray, s_tau: float):
+    """rho(t), its error, the Gamma-method window and tau_int of a series (None when undefined)."""
+    if x.size < MIN_SAMPLES or not np.all(np.isfinite(x)) or np.ptp(x) == 0.0:
+        return None
+    import pyerrors as pe
+
+    obs = pe.Obs([x], ["mc"])
+    obs.gamma_method(S=s_tau)
+    return obs.e_rho["mc"], obs.e_drho["mc"], int(obs.e_windowsize["mc"]), float(obs.e_tauint["mc"])
+
+
+# ---------------------------------------------------------------------------- training run
+
+
+def read_metrics(run: str | os.PathLike) -> TrainingRun:
+    """Columns of a training run's metrics.csv (a run directory or the file itself).
+
+    Unknown columns are kept, missing ones are simply absent, unparsable cells are NaN. A
+    resumed run repeats the steps after its last checkpoint; the later rows win.
+    """
+    p = pathlib.Path(run)
+    if not p.exists():
+        raise UsageError(f"run={run}: no such training run directory")
+    path = p / "metrics.csv" if p.is_dir() else p
+    if not path.is_file():
+        raise UsageError(f"run={run}: no metrics.csv (not a gaugeflow train run directory)")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            names = [n for n in (reader.fieldnames or []) if n]
+            raw = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UsageError(f"run={run}: unreadable metrics.csv ({str(err).splitlines()[0]})") from None
+    if "step" not in names:
+        raise UsageError(f"{path}: not a training metrics file (no 'step' column)")
+    by_step: dict[float, dict[str, float]] = {}
+    for row in raw:
+        values = {n: _number(row.get(n)) for n in names}
+        if math.isfinite(values["step"]):  # a line cut short by a kill has no usable step
+            by_step[values["step"]] = values
+    if not by_step:
+        raise UsageError(f"{path}: no metrics rows yet")
+    steps = sorted(by_step)
+    columns = {n: np.array([by_step[s][n] for s in steps], dtype=np.float64) for n in names}
+    return TrainingRun(path, columns, len(raw))
+
+
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _summary(ens: EnsembleAnalysis | None, training: TrainingRun | None, s_tau: float) -> dict:
+    from gaugeflow import __version__
+
+    out: dict[str, Any] = {}
+    meta: dict[str, Any] = {"gaugeflow_version": __version__, "s_tau": s_tau}
+    if ens is not None:
+        for name, est in ens.estimates.items():
+            out[name] = {"mean": est.mean, "err": est.err, "tau_int": est.tau_int}
+        meta.update(ensemble=str(ens.path.resolve()), theory=str(ens.attrs.get("theory")),
+                    shape=[int(s) for s in np.atleast_1d(ens.attrs.get("shape", []))],
+                    sampler=str(ens.attrs.get("sampler", "")), method=ens.method, n_cfg=ens.n_cfg,
+                    n_therm=ens.n_therm, n_used=ens.n_cfg - ens.n_therm)
+        if ens.reweighting:
+            out["_reweighting"] = dict(ens.reweighting)
+        if ens.exact:
+            out["_exact"] = dict(ens.exact)
+    if training is not None:
+        meta.update(run=str(training.path.resolve()), n_rows=training.n_rows)
+        out["_training"] = training.last()
+    out["_meta"] = meta
+    return _finite_or_none(out)
+
+
+def _finite_or_none(obj):
+    # JSON has no NaN: an undefined number (tau_int of a too-short series) becomes null
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: pathlib.Path, data: dict) -> pathlib.Path:
+    """Write ``data`` as JSON atomically (temporary name in the same directory, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _plot_ensemble(ens: EnsembleAnalysis, plot_dir: pathlib.Path, s_tau: float, written: list) -> None:
+    from gaugeflow import plots
+
+    weights = None
+    if ens.log_w is not None:
+        weights = np.exp(ens.log_w - ens.log_w.max())
+        written.append(plots.histogram(ens.log_w, plot_dir / "log_w_histogram.png", "log w = log p - log q"))
+    for name, x in ens.series.items():
+        est = ens.estimates[name]
+        written.append(plots.history(x, plot_dir / f"{name}_history.png", name, est.mean, est.err,
+                                     offset=ens.n_therm))
+        written.append(plots.histogram(x, plot_dir / f"{name}_histogram.png", name, weights,
+                                       exact=ens.exact.get(name)))
+        # of the draws themselves: for a chain its autocorrelation, for independent draws a check
+        acf = _autocorrelation(x, s_tau)
+        if acf is not None:
+            rho, drho, window, tau = acf
+            written.append(plots.autocorrelation(rho, plot_dir / f"{name}_autocorrelation.png", name, drho,
+                                                 window, tau))
+
+
+def _plot_training(training: TrainingRun, plot_dir: pathlib.Path, written: list) -> None:
+    from gaugeflow import plots
+
+    cols = training.columns
+
+    def present(*names):
+        return {n: cols[n] for n in names if n in cols and np.isfinite(cols[n]).any()}
+
+    step = cols["step"]
+    if loss := present("loss", "free_energy"):
+        written.append(plots.curves(step, loss, plot_dir / "training_loss.png", "loss and free-energy bound F_q"))
+    if ess := present("ess"):
+        written.append(plots.curves(step, ess, plot_dir / "training_ess.png", "ESS (batch)", "ESS / n"))
+    if lr := present("lr"):
+        written.append(plots.curves(step, lr, plot_dir / "training_lr.png", "learning rate", "lr", logy=True))
+
+
+def _report(ens, training, summary_path, written, s_tau) -> None:
+    lines = []
+    if ens is not None:
+        a = ens.attrs
+        params = ", ".join(f"{k}={a[k]}" for k in PARAMS if k in a)
+        method = f"Gamma method (S={s_tau:g})" if ens.method == "gamma_method" else "reweighted independent draws"
+        lines.append(f"analyze {ens.path}: {a.get('theory')} ({params}) shape={_shape(a)}, "
+                     f"{ens.n_cfg - ens.n_therm} configurations after n_therm={ens.n_therm}, {method}")
+        for name, est in ens.estimates.items():
+            if name == "action":
+                continue  # extensive and rarely of interest; it is in summary.json
+            label = {"exp_minus_delta_h": "<exp(-dH)>"}.get(name, name)
+            line = f"  {label:<22} {est.mean:.6g} +- {est.err:.2g}   tau_int {est.tau_int:.2f}"
+            if name == "exp_minus_delta_h":
+                line += "   (must be 1 within errors)"
+            if name in ens.exact:
+                line += f"   exact {ens.exact[name]:.6g}"
+            lines.append(line)
+        if ens.reweighting:
+            r = ens.reweighting
+            lines.append(f"  {'ESS':<22} {r['ess']:.4f}   ({r['n_eff']:.1f} effective of {ens.log_w.size} draws)")
+            lines.append(f"  {'log Z estimate':<22} {r['log_z']:.6g} +- {r['log_z_err']:.2g}")
+    if training is not None:
+        last = training.last()
+        shown = ", ".join(f"{k} {last[k]:.6g}" for k in ("loss", "free_energy", "ess", "lr") if k in last)
+        lines.append(f"training {training.path}: {training.n_rows} rows, last step {last['step']}: {shown}")
+    lines.append(f"wrote {summary_path}" + (f" and {len(written)} plots in {summary_path.parent / 'plots'}"
+                                             if written else ""))
+    print("\n".join(lines))
+
+
+def _shape(attrs) -> list[int]:
+    return [int(s) for s in np.atleast_1d(attrs.get("shape", []))]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    guarded(run_analyze)(cfg)

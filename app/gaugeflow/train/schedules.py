@@ -1,0 +1,120 @@
+"""Learning-rate schedules with an optional linear warm-up, planned for ``train.steps``.
+
+Each is built from the ``sched`` config group (``_target_`` names a class here) and wraps
+torch's schedulers, so its state is a plain state dict that checkpoints store. ``step(loss)``
+is called once per optimizer step; only the on-plateau schedule uses the loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class Schedule:
+    """Base: a multiplicative factor of the base lr per step, with ``warmup_steps`` of linear ramp."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+        if warmup_steps < 0:
+            raise ValueError(f"sched.warmup_steps must be >= 0, got {warmup_steps}")
+        if warmup_steps >= total_steps and warmup_steps > 0:
+            raise ValueError(f"sched.warmup_steps={warmup_steps} must be below train.steps={total_steps}")
+        self.total = int(total_steps)
+        self.warmup = int(warmup_steps)
+        self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self._factor)
+
+    def _warm(self, step: int) -> float:
+        # lr ramps from base/warmup to base: step 0 (the first update) already moves the weights
+        return min(1.0, (step + 1) / self.warmup) if self.warmup else 1.0
+
+    def _factor(self, step: int) -> float:
+        return self._warm(step) * self.decay(max(0, step - self.warmup), max(1, self.total - self.warmup))
+
+    def decay(self, step: int, span: int) -> float:  # noqa: ARG002
+        return 1.0
+
+    def step(self, loss: float | None = None) -> None:  # noqa: ARG002
+        self.lambda_lr.step()
+
+    def state_dict(self) -> dict:
+        return {"lambda_lr": self.lambda_lr.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lambda_lr.load_state_dict(state["lambda_lr"])
+
+
+class Constant(Schedule):
+    """The base learning rate after the warm-up."""
+
+
+class Cosine(Schedule):
+    """Cosine decay from the base lr to ``min_lr`` over the steps after warm-up (Loshchilov & Hutter 1608.03983)."""
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
+        base = optimizer.param_groups[0]["lr"]
+        if not 0.0 <= min_lr <= base:
+            raise ValueError(f"sched.min_lr must be in [0, train.lr={base}], got {min_lr}")
+        self.floor = min_lr / base
+        super().__init__(optimizer, total_steps, warmup_steps)
+
+    def decay(self, step: int, span: int) -> float:
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, span) / span))
+
+
+class Step(Schedule):
+    """Multiply the lr by ``gamma`` every ``step_size`` steps after warm-up."""
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, step_size: int = 1000,
+                 gamma: float = 0.5):
+        if step_size < 1:
+            raise ValueError(f"sched.step_size must be >= 1, got {step_size}")
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(f"sched.gamma must be in (0, 1], got {gamma}")
+        self.step_size, self.gamma = int(step_size), float(gamma)
+        super().__init__(optimizer, total_steps, warmup_steps)
+
+    def decay(self, step: int, span: int) -> float:  # noqa: ARG002
+        return self.gamma ** (step // self.step_size)
+
+
+class Plateau(Schedule):
+    """Reduce the lr by ``factor`` when the training loss stalls for ``patience`` steps.
+
+    The batch loss is noisy, so it is averaged over ``window`` steps before torch's
+    ``ReduceLROnPlateau`` sees it (one plateau check per window).
+    """
+
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, factor: float = 0.5,
+                 patience: int = 500, window: int = 50, threshold: float = 1e-4, min_lr: float = 0.0):
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"sched.factor must be in (0, 1), got {factor}")
+        if window < 1 or patience < 0:
+            raise ValueError(f"sched.window must be >= 1 and sched.patience >= 0, got {window}, {patience}")
+        super().__init__(optimizer, total_steps, warmup_steps)
+        self.window = int(window)
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=factor, patience=max(0, patience // self.window), threshold=threshold,
+            threshold_mode="abs", min_lr=min_lr)
+        self.n, self.acc, self.t = 0, 0.0, 0
+
+    def step(self, loss: float | None = None) -> None:
+        self.t += 1
+        if self.t <= self.warmup:
+            self.lambda_lr.step()
+            return
+        if loss is not None and math.isfinite(loss):
+            self.acc += loss
+            self.n += 1
+        if self.n >= self.window:
+            self.plateau.step(self.acc / self.n)
+            self.n, self.acc = 0, 0.0
+
+    def state_dict(self) -> dict:
+        return {"lambda_lr": self.lambda_lr.state_dict(), "plateau": self.plateau.state_dict(),
+                "n": self.n, "acc": self.acc, "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lambda_lr.load_state_dict(state["lambda_lr"])
+        self.plateau.load_state_dict(state["plateau"])
+        self.n, self.acc, self.t = int(state["n"]), float(state["acc"]), int(state["t"])
