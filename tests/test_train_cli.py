@@ -7,6 +7,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 
 from gaugeflow.io.checkpoint import load_checkpoint
 
@@ -68,3 +69,61 @@ def test_bad_input(tmp_path):
     assert ok.returncode == 0
     r = gaugeflow(*SMALL, "theory=su2_2d", "resume=u1", "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 2 and "theory 'u1_2d', not 'su2_2d'" in r.stderr
+
+
+def test_optimizer_schedule_and_accumulation_from_the_command_line(tmp_path):
+    r = gaugeflow(*SMALL, "optim=sgd", "sched=step", "sched.step_size=4", "sched.gamma=0.5", "sched.warmup_steps=2",
+                  "train.micro_batch_size=8", "train.lr=0.01", "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    # lr logged after each step's scheduler update: warm-up 2, then halving every 4 steps
+    lrs = {int(row["step"]): float(row["lr"]) for row in rows}
+    assert lrs[2] == 0.01 and lrs[6] == 0.005 and lrs[10] == 0.0025
+    with h5py.File(load_checkpoint(tmp_path / "run").path) as f:
+        assert "momentum_buffer" in str(list(f["optim"]["state"]["0"]))
+
+
+def test_forward_kl_from_an_hmc_ensemble(tmp_path):
+    hmc = subprocess.run([sys.executable, "-m", "gaugeflow.cli.main", "hmc", "lattice.shape=[4,4]", "hmc.n_traj=20",
+                          "hmc.n_therm=5", "out=ens.h5", "hydra.run.dir=h"], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert hmc.returncode == 0, hmc.stderr
+    r = gaugeflow(*SMALL, "lattice.shape=[4,4]", "loss=forward_kl", "loss.ensemble=ens.h5", "loss.n_therm=2",
+                  "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    # the loss is E_p[-log q]; ESS and F_q come from fresh draws of q
+    assert all(np.isfinite(float(row[k])) for row in rows for k in ("loss", "ess", "free_energy", "plaquette"))
+    for args, needle in [(["loss.ensemble=nowhere.h5"], "nowhere.h5"),
+                         (["loss.ensemble=ens.h5", "lattice.shape=[4,6]"], "lattice shape [4, 4], not [4, 6]"),
+                         (["loss.ensemble=ens.h5", "lattice.shape=[4,4]", "theory.beta=1.5"], "ensemble has beta=1.0"),
+                         (["loss.ensemble=ens.h5", "theory=su2_2d", "lattice.shape=[4,4]"], "theory 'u1_2d'")]:
+        bad = gaugeflow(*SMALL, "loss=forward_kl", *args, "hydra.run.dir=bad", cwd=tmp_path)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, bad.stderr)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path):
+    ok = gaugeflow(*SMALL, "train.steps=4", "hydra.run.dir=run", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    good = tmp_path / "run" / "checkpoints" / "step_00000004.h5"
+    before = weights(good)
+    # beta = 1e38 overflows the float32 action: every later step is non-finite
+    r = gaugeflow(*SMALL, "resume=run", "theory.beta=1e38", "train.max_nonfinite=3", "hydra.run.dir=x", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "3 consecutive steps with a non-finite loss" in lines[0] and "run/checkpoints/step_00000004.h5" in lines[0]
+    assert sorted(p.name for p in good.parent.iterdir()) == [good.name]
+    after = weights(good)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("preset", ["kanwar2020_u1", "boyda2020_su3", "su3_4d_4444"])
+def test_experiment_presets_train_a_few_steps(tmp_path, preset):
+    r = gaugeflow(f"experiment={preset}", "train.steps=2", "train.batch_size=2", "train.log_every=1",
+                  "train.eval_samples=4", "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(row["step"]) for row in rows] == [1, 2] and np.isfinite(float(rows[-1]["loss"]))
+    assert load_checkpoint(tmp_path / "run").step == 2

@@ -134,11 +134,12 @@ class WandbLogger(Logger):
         self._run = run
         self._wandb = wandb_module
         self._last_step: int | None = None
+        self._failed = False
         self._done = False
 
     @property
     def active(self) -> bool:
-        return not self._done
+        return not (self._done or self._failed)
 
     @property
     def run(self):
@@ -150,13 +151,13 @@ class WandbLogger(Logger):
         return self._run.id
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
-        if self._done:
+        if not self.active:
             return
         try:
             fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - monitoring must not end a training job
             _warn(f"wandb {what} failed ({type(err).__name__}: {_first_line(err)}); continuing without wandb")
-            self._done = True
+            self._failed = True
 
     def log_metrics(self, metrics, step):
         self._last_step = int(step)
@@ -166,7 +167,7 @@ class WandbLogger(Logger):
         self._call("config update", self._run.config.update, _plain(config), allow_val_change=True)
 
     def log_images(self, images, step=None):
-        if self._done:
+        if not self.active:
             return
         found = {}
         for key, path in images.items():
@@ -191,8 +192,13 @@ class WandbLogger(Logger):
     def finish(self, exit_code=0):
         if self._done:
             return
-        self._call("finish", self._run.finish, exit_code=int(exit_code))
         self._done = True
+        try:
+            # even after a failed log: closing writes the exit record, so the run is not left "running"
+            self._run.finish(exit_code=int(exit_code))
+        except Exception as err:  # noqa: BLE001
+            if not self._failed:
+                _warn(f"wandb finish failed ({type(err).__name__}: {_first_line(err)})")
 
     def __repr__(self) -> str:
         return f"WandbLogger(id={self._run.id!r})"
@@ -223,7 +229,8 @@ def build_logger(
         raise UsageError(f"logger.name must be none or wandb, got {name!r}")
     mode = _resolve_mode(opts["mode"])
     for key in ("project", "entity", "group", "run_name", "dir", "resume_id"):
-        if opts[key] is not None and not isinstance(opts[key], (str, os.PathLike)):
+        kinds = (str, os.PathLike) if key == "dir" else str
+        if opts[key] is not None and not isinstance(opts[key], kinds):
             raise UsageError(f"logger.{key} must be a string, got {opts[key]!r}")
     tags = opts["tags"] or []
     if isinstance(tags, str) or not all(isinstance(t, str) for t in tags):
@@ -231,14 +238,15 @@ def build_logger(
     if opts["resume_id"] is not None and not _ID_RE.match(opts["resume_id"]):
         raise UsageError(f"logger.resume_id must be letters, digits, '_', '-' or '.', got {opts['resume_id']!r}")
     for key in ("init_timeout", "finish_timeout"):
-        if not isinstance(opts[key], (int, float)) or not opts[key] > 0:
+        if isinstance(opts[key], bool) or not isinstance(opts[key], (int, float)) or not opts[key] > 0:
             raise UsageError(f"logger.{key} must be a positive number of seconds, got {opts[key]!r}")
 
     if name == "none":
         return NullLogger("logger=none")
     if rank != 0:
         return NullLogger(f"rank {rank}")
-    if not force and (os.environ.get("PYTEST_CURRENT_TEST") or os.environ.get("GAUGEFLOW_WANDB", "").lower() == "disabled"):
+    forced_off = os.environ.get("PYTEST_CURRENT_TEST") or os.environ.get("GAUGEFLOW_WANDB", "").lower() == "disabled"
+    if forced_off and not force:
         mode = "disabled"
     if mode == "disabled":
         return NullLogger("wandb disabled")
@@ -263,11 +271,14 @@ def build_logger(
     try:
         wandb_dir.mkdir(parents=True, exist_ok=True)
         timeout = float(opts["init_timeout"])
-        settings = wandb.Settings(
+        if mode == "online":
+            # with no stored API key wandb prompts on a terminal; init's own settings do not reach
+            # that prompt (it reads the process-wide ones), so bound it there
+            wandb.setup(settings=_settings(wandb, login_timeout=timeout))
+        settings = _settings(
+            wandb,
             init_timeout=timeout,
             x_service_wait=timeout,
-            # an online run with no stored API key would prompt on a terminal: bound that wait too
-            login_timeout=timeout,
             finish_timeout=float(opts["finish_timeout"]),
             # leave stdout/stderr alone: the progress bar and Hydra's logging own the console
             console="off",
@@ -299,6 +310,14 @@ def build_logger(
     _write_atomic(id_file, run.id + "\n")
     _announce(run, mode)
     return WandbLogger(run, wandb)
+
+
+def _settings(wandb, **values):
+    # timeouts were added to wandb.Settings over the versions; drop what this wandb does not know
+    known = getattr(wandb.Settings, "model_fields", None)
+    if known is not None:
+        values = {k: v for k, v in values.items() if k in known}
+    return wandb.Settings(**values)
 
 
 def _options(cfg) -> dict:
@@ -333,7 +352,7 @@ def _resolve_mode(mode) -> str:
         return "offline"
     env = _MODE_ALIASES.get(env, env)
     if env not in MODES:
-        raise UsageError(f"WANDB_MODE (used since logger.mode is null) must be online, offline or disabled, got {env!r}")
+        raise UsageError(f"WANDB_MODE (used as logger.mode is null) must be online, offline or disabled, got {env!r}")
     return env
 
 

@@ -39,7 +39,7 @@ def _save(fig, path: str | os.PathLike) -> pathlib.Path:
 
 
 def history(values, path, name: str, mean: float | None = None, err: float | None = None,
-            offset: int = 0) -> pathlib.Path:
+            offset: int = 0, exact: float | None = None) -> pathlib.Path:
     """The series against Monte Carlo time, with the estimate and its error as a band."""
     plt = _pyplot()
     y = np.asarray(values, dtype=np.float64).reshape(-1)
@@ -51,6 +51,9 @@ def history(values, path, name: str, mean: float | None = None, err: float | Non
                                                                      and np.isfinite(err) else ""))
         if err is not None and np.isfinite(err) and err > 0:
             ax.axhspan(mean - err, mean + err, color="C3", alpha=0.2)
+    if exact is not None:
+        ax.axhline(exact, color="k", ls="--", lw=1.0, label=f"exact {exact:.6g}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel("Monte Carlo time (configuration)")
     ax.set_ylabel(name)
@@ -66,9 +69,14 @@ def histogram(values, path, name: str, weights=None, exact: float | None = None)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     # an integer-valued observable (acceptance, geometric charge) gets one bin per integer
     finite = y[y_ok]
-    bins = "auto"
     if finite.size and np.array_equal(finite, np.round(finite)) and np.ptp(finite) <= 60:
         bins = np.arange(finite.min(), finite.max() + 2) - 0.5
+    else:
+        # numpy's rule on the draws, shared by the weighted histogram (which cannot choose its own);
+        # capped since a long tail can ask for thousands of bins
+        bins = np.histogram_bin_edges(finite, bins="auto") if finite.size else 10
+        if np.size(bins) > 201:
+            bins = 100
     if weights is None:
         ax.hist(y[y_ok], bins=bins, density=True, color="C0", alpha=0.8)
     else:
@@ -76,9 +84,9 @@ def histogram(values, path, name: str, weights=None, exact: float | None = None)
         ax.hist(y[y_ok], bins=bins, density=True, color="C0", alpha=0.5, label="draws (q)")
         ax.hist(y[y_ok], bins=bins, density=True, weights=w, histtype="step", color="C3", lw=1.5,
                 label="reweighted (p)")
-        ax.legend(loc="best", fontsize=8)
     if exact is not None:
         ax.axvline(exact, color="k", ls="--", lw=1.0, label=f"exact mean {exact:.6g}")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(name)
     ax.set_ylabel("density")
@@ -121,7 +129,9 @@ def curves(step, series: Mapping[str, Sequence[float]], path, title: str, ylabel
     for i, (label, values) in enumerate(series.items()):
         y = np.asarray(values, dtype=np.float64).reshape(-1)
         ok = np.isfinite(x) & np.isfinite(y) & ((y > 0) if logy else True)
-        ax.plot(x[ok], y[ok], lw=1.0, color=f"C{i}", label=label, marker="." if ok.sum() < 50 else None)
+        # dashes keep a curve visible where another lies on top of it (loss = free energy for reverse KL)
+        ax.plot(x[ok], y[ok], lw=1.0, color=f"C{i}", ls=("-", "--", ":", "-.")[i % 4], label=label,
+                marker="." if ok.sum() < 50 else None)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("step")

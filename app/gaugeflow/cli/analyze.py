@@ -27,12 +27,14 @@ from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.sampling.statistics import MIN_SAMPLES, Estimate
 from gaugeflow.sampling.summary import summarize
 
-#: per-configuration datasets that are not observables: the densities, and what is reported derived
-NOT_OBSERVABLES = ("log_q", "log_p", "accepted", "delta_h")
+#: per-configuration datasets that are not observables: the densities, the IMH proposal index,
+#: and what is reported derived (acceptance, <exp(-dH)>)
+NOT_OBSERVABLES = ("log_q", "log_p", "accepted", "delta_h", "proposal")
 #: action parameters shown in the report, in this order, where the file has them
 PARAMS = ("beta", "action", "c1", "form", "m2", "lam", "kappa", "lam_tilde")
-#: sampler attribute of independent flow draws (the only sampler that is not a chain)
-REWEIGHT_SAMPLER = "flow_reweight"
+#: sampler attributes of independent flow draws (`gaugeflow sample sample.method=reweight`);
+#: every other sampler is a Markov chain
+REWEIGHT_SAMPLERS = ("reweight", "flow_reweight")
 
 
 @dataclass
@@ -72,7 +74,7 @@ class EnsembleAnalysis:
 class TrainingRun:
     path: pathlib.Path  # metrics.csv
     columns: dict[str, np.ndarray]
-    n_rows: int
+    n_rows: int  # distinct steps
 
     def last(self) -> dict[str, float]:
         return {k: (int(v[-1]) if k == "step" else float(v[-1])) for k, v in self.columns.items()}
@@ -129,10 +131,10 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
     cols = {k: v[n_therm:] for k, v in ens.columns.items() if v.dtype.kind in "biuf"}
     sampler = str(ens.attrs.get("sampler", ""))
     has_weights = "log_q" in cols and "log_p" in cols
-    chain = "accepted" in cols or sampler not in ("", REWEIGHT_SAMPLER)
+    chain = "accepted" in cols or sampler not in ("", *REWEIGHT_SAMPLERS)
     if not chain and not has_weights:
-        if sampler == REWEIGHT_SAMPLER:
-            raise EnsembleError(f"{ens.path}: sampler {REWEIGHT_SAMPLER!r} but no 'log_q' and 'log_p' datasets")
+        if sampler in REWEIGHT_SAMPLERS:
+            raise EnsembleError(f"{ens.path}: sampler {sampler!r} but no 'log_q' and 'log_p' datasets")
         chain = True  # nothing to reweight with; the Gamma method is right for independent draws too
 
     series: dict[str, np.ndarray] = {}
@@ -166,7 +168,7 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
 
 
 def _exact(attrs: dict[str, Any]) -> dict[str, float]:
-    """Exact finite-volume plaquette of 2d Wilson gauge theories (character expansion)."""
+    """Exact finite-volume plaquette and log Z of 2d Wilson gauge theories (character expansion)."""
     group = attrs.get("group")
     shape = [int(s) for s in np.atleast_1d(attrs.get("shape", []))]
     c1 = attrs.get("c1", 0.0 if attrs.get("action", "wilson") == "wilson" else None)
@@ -174,10 +176,11 @@ def _exact(attrs: dict[str, Any]) -> dict[str, float]:
         return {}
     from gaugeflow import exact
 
+    group, beta, shape = str(group), float(attrs["beta"]), tuple(shape)
     try:
-        return {"plaquette": exact.plaquette(str(group), float(attrs["beta"]), tuple(shape))}
-    except (ValueError, TypeError, OverflowError):
-        return {}  # a group exact.py does not know: nothing to compare with
+        return {"plaquette": exact.plaquette(group, beta, shape), "log_z": exact.log_z(group, beta, shape)}
+    except (ValueError, TypeError, OverflowError, RuntimeError):
+        return {}  # a group or coupling outside the exact solution's reach: nothing to compare with
 
 
 def _autocorrelation(x: np.ndarray, s_tau: float):
@@ -197,8 +200,9 @@ def _autocorrelation(x: np.ndarray, s_tau: float):
 def read_metrics(run: str | os.PathLike) -> TrainingRun:
     """Columns of a training run's metrics.csv (a run directory or the file itself).
 
-    Unknown columns are kept, missing ones are simply absent, unparsable cells are NaN. A
-    resumed run repeats the steps after its last checkpoint; the later rows win.
+    Unknown columns are kept, missing ones are simply absent, empty or unparsable cells are
+    NaN. A line cut short (the job was killed while writing it) is dropped. A resumed run
+    repeats the steps after its last checkpoint; the later rows win.
     """
     p = pathlib.Path(run)
     if not p.exists():
@@ -217,14 +221,16 @@ def read_metrics(run: str | os.PathLike) -> TrainingRun:
         raise UsageError(f"{path}: not a training metrics file (no 'step' column)")
     by_step: dict[float, dict[str, float]] = {}
     for row in raw:
-        values = {n: _number(row.get(n)) for n in names}
-        if math.isfinite(values["step"]):  # a line cut short by a kill has no usable step
+        if any(row.get(n) is None for n in names):
+            continue  # fewer cells than the header: cut short
+        values = {n: _number(row[n]) for n in names}
+        if math.isfinite(values["step"]):
             by_step[values["step"]] = values
     if not by_step:
         raise UsageError(f"{path}: no metrics rows yet")
     steps = sorted(by_step)
     columns = {n: np.array([by_step[s][n] for s in steps], dtype=np.float64) for n in names}
-    return TrainingRun(path, columns, len(raw))
+    return TrainingRun(path, columns, len(steps))
 
 
 def _number(text) -> float:
@@ -295,7 +301,7 @@ def _plot_ensemble(ens: EnsembleAnalysis, plot_dir: pathlib.Path, s_tau: float, 
     for name, x in ens.series.items():
         est = ens.estimates[name]
         written.append(plots.history(x, plot_dir / f"{name}_history.png", name, est.mean, est.err,
-                                     offset=ens.n_therm))
+                                     offset=ens.n_therm, exact=ens.exact.get(name)))
         written.append(plots.histogram(x, plot_dir / f"{name}_histogram.png", name, weights,
                                        exact=ens.exact.get(name)))
         # of the draws themselves: for a chain its autocorrelation, for independent draws a check
@@ -344,7 +350,10 @@ def _report(ens, training, summary_path, written, s_tau) -> None:
         if ens.reweighting:
             r = ens.reweighting
             lines.append(f"  {'ESS':<22} {r['ess']:.4f}   ({r['n_eff']:.1f} effective of {ens.log_w.size} draws)")
-            lines.append(f"  {'log Z estimate':<22} {r['log_z']:.6g} +- {r['log_z_err']:.2g}")
+            line = f"  {'log Z estimate':<22} {r['log_z']:.6g} +- {r['log_z_err']:.2g}"
+            if "log_z" in ens.exact:
+                line += f"   exact {ens.exact['log_z']:.6g}"
+            lines.append(line)
     if training is not None:
         last = training.last()
         shown = ", ".join(f"{k} {last[k]:.6g}" for k in ("loss", "free_energy", "ess", "lr") if k in last)

@@ -8,6 +8,8 @@ import sys
 JOBS = {
     "train": ("gaugeflow.cli.train", "fit a normalizing flow to a theory (checkpoints, resume)"),
     "hmc": ("gaugeflow.cli.hmc", "generate an ensemble with Hybrid Monte Carlo"),
+    "sample": ("gaugeflow.cli.sample", "draw an ensemble from a trained flow (IMH chain or reweighting)"),
+    "score": ("gaugeflow.cli.score", "evaluate a trained flow's log q on an existing ensemble"),
     "analyze": ("gaugeflow.cli.analyze", "estimates with Gamma-method errors and plots of an ensemble or training run"),
 }
 

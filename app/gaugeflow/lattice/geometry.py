@@ -153,11 +153,11 @@ def site_reduce(partial: torch.Tensor) -> torch.Tensor:
 
 def site_sum(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """``x.sum(dims)`` over the lattice axes ``dims``, summed over the whole lattice on a decomposed run."""
-    domain = _DOMAIN.get()
+    # no axes: x itself (torch's x.sum(()) would sum over every axis)
     dims = tuple(dims)
-    if domain is None:
-        return x.sum(dims)
-    return domain.site_reduce(x.sum(dims) if dims else x)
+    partial = x.sum(dims) if dims else x
+    domain = _DOMAIN.get()
+    return partial if domain is None else domain.site_reduce(partial)
 
 
 def site_mean(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:

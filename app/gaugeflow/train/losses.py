@@ -119,7 +119,16 @@ class ForwardKL(Loss):
         self.ensemble, self.n_therm = str(ensemble), int(n_therm)
         self.data: torch.Tensor | None = None
 
+    @classmethod
+    def from_tensor(cls, data: torch.Tensor) -> "ForwardKL":
+        """Forward KL from configurations already in memory (no file)."""
+        loss = cls(ensemble="<tensor>")
+        loss.data = data
+        return loss
+
     def bind(self, theory, device, dtype):
+        if self.ensemble == "<tensor>":
+            return
         import numpy as np
 
         from gaugeflow.io.ensemble import read_ensemble

@@ -1,0 +1,180 @@
+"""Training components built from the config groups: losses, optimizers, schedules, accumulation."""
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from gaugeflow.cli.common import CONFIG_DIR, UsageError
+from gaugeflow.cli.train import _accumulated_step, instantiate_node
+from gaugeflow.flows.models import build_flow_model
+from gaugeflow.theories import build_theory
+from gaugeflow.train import losses, schedules
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def params():
+    return [torch.nn.Parameter(torch.zeros(3))]
+
+
+@pytest.mark.parametrize("option, cls, extra", [
+    ("adam", torch.optim.Adam, {"betas": (0.9, 0.999)}),
+    ("adamw", torch.optim.AdamW, {"weight_decay": 0.01}),
+    ("sgd", torch.optim.SGD, {"momentum": 0.9, "nesterov": False}),
+])
+def test_optimizers_from_config(option, cls, extra):
+    cfg = composed(f"optim={option}", "train.lr=0.02")
+    opt = instantiate_node(cfg.optim, "optim", params=params(), lr=cfg.train.lr)
+    assert type(opt) is cls and opt.param_groups[0]["lr"] == 0.02
+    for k, v in extra.items():
+        assert opt.param_groups[0][k] == v
+
+
+@pytest.mark.parametrize("option, cls", [("cosine", schedules.Cosine), ("constant", schedules.Constant),
+                                         ("step", schedules.Step), ("plateau", schedules.Plateau)])
+def test_schedules_from_config(option, cls):
+    cfg = composed(f"sched={option}", "sched.warmup_steps=5")
+    opt = torch.optim.SGD(params(), lr=1.0)
+    s = instantiate_node(cfg.sched, "sched", optimizer=opt, total_steps=100)
+    assert type(s) is cls and s.warmup == 5
+    assert opt.param_groups[0]["lr"] == pytest.approx(1 / 5)  # the warm-up ramp starts at base / warmup
+
+
+@pytest.mark.parametrize("option, cls", [("reverse_kl", losses.ReverseKL), ("path_gradient", losses.PathGradient),
+                                         ("forward_kl", losses.ForwardKL)])
+def test_losses_from_config(option, cls):
+    extra = ["loss.ensemble=some.h5"] if option == "forward_kl" else []
+    cfg = composed(f"loss={option}", *extra)
+    assert type(instantiate_node(cfg.loss, "loss")) is cls
+
+
+def test_bad_components_are_one_line_usage_errors():
+    with pytest.raises(UsageError, match=r"loss.ensemble must name an ensemble file"):
+        instantiate_node(composed("loss=forward_kl").loss, "loss")
+    opt = torch.optim.SGD(params(), lr=1.0)
+    with pytest.raises(UsageError, match=r"sched.min_lr must be in \[0, train.lr=1.0\], got 2.0"):
+        instantiate_node(composed("sched.min_lr=2.0").sched, "sched", optimizer=opt, total_steps=10)
+    with pytest.raises(UsageError, match=r"optim._target_='torch.optim.Nope' cannot be imported"):
+        instantiate_node(composed("optim._target_=torch.optim.Nope").optim, "optim", params=params(), lr=1.0)
+    with pytest.raises(UsageError, match=r"optim=adam: .*momentum"):
+        instantiate_node(composed("optim.momentum=0.5").optim, "optim", params=params(), lr=1.0)
+
+
+def test_misspelt_keys_fail_at_composition():
+    for bad in ("optim.betaz=[0.9,0.9]", "sched.warmup=3", "train.stepz=3", "loss.ensembel=x.h5"):
+        with pytest.raises(ConfigCompositionException):
+            composed(bad)
+
+
+def test_experiment_presets_compose():
+    for name, theory, shape in [("kanwar2020_u1", "u1_2d", [16, 16]), ("boyda2020_su3", "su3_2d", [8, 8]),
+                                ("su3_4d_4444", "su3_4d", [4, 4, 4, 4])]:
+        cfg = composed(f"experiment={name}")
+        assert cfg.theory.name == theory and list(cfg.lattice.shape) == shape
+    # a command-line override applies on top of the preset
+    assert composed("experiment=su3_4d_4444", "theory.beta=2.5").theory.beta == 2.5
+
+
+def lr_curve(sched_cls, n, **kw):
+    opt = torch.optim.SGD(params(), lr=1.0)
+    s = sched_cls(opt, n, **kw)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step(1.0)
+    return out
+
+
+def test_schedule_shapes():
+    w = lr_curve(schedules.Cosine, 20, warmup_steps=4, min_lr=0.1)
+    assert w[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    # after the warm-up: cosine from 1 down towards min_lr over the remaining 16 steps
+    assert w[4:] == pytest.approx([0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 16)) for k in range(16)])
+    assert lr_curve(schedules.Step, 9, step_size=3, gamma=0.1) == pytest.approx([1, 1, 1, .1, .1, .1, .01, .01, .01])
+    assert lr_curve(schedules.Constant, 5) == [1.0] * 5
+
+
+def test_plateau_reduces_on_a_stalled_loss_only():
+    opt = torch.optim.SGD(params(), lr=1.0)
+    s = schedules.Plateau(opt, 1000, factor=0.5, patience=20, window=10)
+    for i in range(200):  # steadily falling loss: no reduction
+        s.step(-float(i))
+    assert opt.param_groups[0]["lr"] == 1.0
+    for _ in range(40):  # flat: the mean over each window stops improving
+        s.step(-300.0)
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+@pytest.mark.parametrize("cls, kw", [(schedules.Cosine, {"warmup_steps": 3}), (schedules.Plateau, {"patience": 4,
+                                                                                                    "window": 2})])
+def test_schedule_state_round_trip(cls, kw):
+    # a schedule restored from its state dict continues exactly like the original
+    losses_ = [1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9] * 3
+    ref_opt = torch.optim.SGD(params(), lr=1.0)
+    ref = cls(ref_opt, 24, **kw)
+    for x in losses_[:10]:
+        ref_opt.step()
+        ref.step(x)
+    opt = torch.optim.SGD(params(), lr=1.0)
+    s = cls(opt, 24, **kw)
+    opt.load_state_dict(ref_opt.state_dict())
+    s.load_state_dict(ref.state_dict())
+    for x in losses_[10:]:
+        ref_opt.step()
+        opt.step()
+        ref.step(x)
+        s.step(x)
+        assert opt.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("name, kind", [("u1_2d", "gauge"), ("phi4_2d", "phi4")])
+def test_gradient_accumulation_equals_the_full_batch(name, kind):
+    """Micro-batches draw the same samples as one batch, so gradients agree to float64 round-off."""
+    cfg = dict(name=name, kind=kind, group="u1", dim=2, beta=1.5, m2=-4.0, lam=8.0)
+    theory = build_theory(cfg, [4, 4])
+    torch.manual_seed(0)
+    model = build_flow_model(theory, n_layers=4 if kind == "gauge" else 2, hidden=(8,), dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    grads = {}
+    for micro in (12, 4, 3):
+        gen = torch.Generator().manual_seed(7)
+        out, norm = _accumulated_step(model, opt, losses.ReverseKL(), theory.action, 12, micro, gen, None)
+        grads[micro] = (torch.cat([p.grad.flatten() for p in model.parameters()]), out.loss, norm)
+    g, loss, norm = grads[12]
+    assert norm > 0
+    for micro in (4, 3):
+        gm, lm, nm = grads[micro]
+        scale = g.abs().max()
+        assert (gm - g).abs().max() <= 1e-12 * scale
+        assert abs(lm - loss) <= 1e-12 * abs(loss) and abs(nm - norm) <= 1e-12 * norm
+
+
+def test_forward_kl_fits_a_known_gaussian():
+    """Forward KL from exact samples of a Gaussian target learns its width: the affine flow
+    with a zero-initialised coupling can represent N(0, s^2) exactly."""
+    theory = build_theory(dict(name="phi4_2d", kind="phi4", dim=2, m2=1.0, lam=0.0), [2, 2])
+    torch.manual_seed(1)
+    model = build_flow_model(theory, kind="affine", n_layers=2, hidden=(4,), zero_init=True, dtype=torch.float64)
+    n = 4096
+    loss = losses.ForwardKL.from_tensor(
+        0.5 * torch.randn(n, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(3)
+    first = None
+    for _ in range(150):
+        out, _ = _accumulated_step(model, opt, loss, None, 256, 256, gen, None)
+        opt.step()
+        first = first if first is not None else out.loss.item()
+    # exact E_p[-log q] at q = p: the entropy of 4 independent N(0, 1/4) = 4 * (0.5 log(2 pi e / 4))
+    exact = 4 * 0.5 * math.log(2 * math.pi * math.e * 0.25)
+    with torch.no_grad():
+        final = -model.log_prob(loss.data).mean().item()
+    # -log q at q = p has variance 4 * 1/2 per sample: 4 sigma of the n-sample mean
+    assert first > exact + 0.5 and abs(final - exact) < 4 * math.sqrt(2 / n)
