@@ -127,3 +127,16 @@ def test_experiment_presets_train_a_few_steps(tmp_path, preset):
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [int(row["step"]) for row in rows] == [1, 2] and np.isfinite(float(rows[-1]["loss"]))
     assert load_checkpoint(tmp_path / "run").step == 2
+
+
+def test_wandb_logger_offline_without_network(tmp_path):
+    env = {**ENV, "WANDB_MODE": "offline", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_DIR": str(tmp_path),
+           "WANDB_CONFIG_DIR": str(tmp_path / "wcfg"), "WANDB_CACHE_DIR": str(tmp_path / "wcache")}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    r = subprocess.run([sys.executable, "-m", "gaugeflow.cli.main", "train", *SMALL, "logger=wandb",
+                        "hydra.run.dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb")), list((tmp_path / "run").rglob("*"))
+    assert (tmp_path / "run" / "wandb_id.txt").is_file()
+    assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"training_loss.png", "training_ess.png"}

@@ -107,7 +107,7 @@ def run_analyze(cfg: DictConfig, out_dir: str | os.PathLike | None = None) -> di
             if ens is not None:
                 _plot_ensemble(ens, out / "plots", float(cfg.s_tau), written)
             if training is not None:
-                _plot_training(training, out / "plots", written)
+                plot_training(training, out / "plots", written)
         summary_path = write_json(out / "summary.json", summary)
     except BaseException:
         # a half-finished set of plots would pass for a complete analysis
@@ -312,7 +312,8 @@ def _plot_ensemble(ens: EnsembleAnalysis, plot_dir: pathlib.Path, s_tau: float, 
                                                  window, tau))
 
 
-def _plot_training(training: TrainingRun, plot_dir: pathlib.Path, written: list) -> None:
+def plot_training(training: TrainingRun, plot_dir: pathlib.Path, written: list) -> None:
+    """Loss / free-energy bound, ESS and lr against step (the train job also sends these to wandb)."""
     from gaugeflow import plots
 
     cols = training.columns

@@ -12,6 +12,9 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from gaugeflow.dist.init import DistConf
+from gaugeflow.monitor import LoggerConf
+
 
 @dataclass
 class TheoryHMCDefaults:
@@ -155,6 +158,8 @@ class TrainJob:
     loss: LossConf = field(default_factory=LossConf)
     optim: OptimConf = field(default_factory=OptimConf)
     sched: SchedConf = field(default_factory=SchedConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    dist: DistConf = field(default_factory=DistConf)
     seed: int = 0
     device: str = "cpu"
     resume: Optional[str] = None

@@ -25,6 +25,7 @@ from gaugeflow.cli.common import (
 )
 from gaugeflow.cli.build import model_from_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
+from gaugeflow.monitor import build_logger
 from gaugeflow.cli.schema import register
 from gaugeflow.io.checkpoint import (
     CheckpointError,
@@ -145,7 +146,8 @@ def run_train(cfg: DictConfig) -> dict:
     show = bool(t.progress) and sys.stdout.isatty()
     last = {}
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(metrics_path, "a", newline="") as fh, stop_on_sigterm() as sigterm, \
+    logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), job_type="train")
+    with logger, open(metrics_path, "a", newline="") as fh, stop_on_sigterm() as sigterm, \
             progress_bar(show, t.steps - step, "train") as bar:
         writer = csv.DictWriter(fh, fieldnames=METRICS)
         if new_file:
@@ -185,17 +187,34 @@ def run_train(cfg: DictConfig) -> dict:
                            nonfinite_skipped=skipped)
                 writer.writerow(row)
                 fh.flush()
+                logger.log_metrics(row, step)
                 last = row
                 bar.advance(f"F={row['free_energy']:.4g} ess={row['ess']:.3f}")
             if step % t.checkpoint_every == 0:
                 path = checkpoint()
         if path is None or list_checkpoints(run_dir)[-1] != checkpoint_path(run_dir, step):
             path = checkpoint()
-    seconds = time.monotonic() - t0
-    summary = dict(step=step, stop_reason=reason, seconds=seconds, checkpoint=str(path), **_evaluate(
-        model, theory, t.eval_samples, t.batch_size, cfg.seed, device))
+        fh.flush()
+        seconds = time.monotonic() - t0
+        summary = dict(step=step, stop_reason=reason, seconds=seconds, checkpoint=str(path), **_evaluate(
+            model, theory, t.eval_samples, t.batch_size, cfg.seed, device))
+        if logger.active:
+            logger.log_summary(summary)
+            logger.log_images(_training_plots(run_dir))
     _report(theory, summary, last)
     return summary
+
+
+def _training_plots(run_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Loss, ESS and lr against step as PNGs in <run dir>/plots (for the logger)."""
+    from gaugeflow.cli.analyze import plot_training, read_metrics
+
+    written: list[pathlib.Path] = []
+    try:
+        plot_training(read_metrics(run_dir), run_dir / "plots", written)
+    except UsageError:  # no metrics row yet (a run stopped before its first log step)
+        return {}
+    return {pathlib.Path(p).stem: p for p in written}
 
 
 def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, clip):
