@@ -140,3 +140,18 @@ def test_wandb_logger_offline_without_network(tmp_path):
     assert len(runs) == 1 and any(runs[0].glob("*.wandb")), list((tmp_path / "run").rglob("*"))
     assert (tmp_path / "run" / "wandb_id.txt").is_file()
     assert {p.name for p in (tmp_path / "run" / "plots").iterdir()} >= {"training_loss.png", "training_ess.png"}
+
+
+def test_resume_takes_the_run_configuration_from_the_checkpoint(tmp_path):
+    first = gaugeflow(*SMALL, "train.steps=20", "train.stop_after=4", "theory.beta=1.7", "lattice.shape=[4,6]",
+                      "hydra.run.dir=run", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    # nothing repeated: steps, beta, lattice and model come from the checkpoint
+    r = gaugeflow("train.stop_after=2", "resume=run", "hydra.run.dir=other", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ck = load_checkpoint(tmp_path / "run")
+    assert ck.step == 6 and "beta: 1.7" in ck.config and "steps: 20" in ck.config
+    assert "shape=[4, 6]" in r.stdout and not (tmp_path / "other" / "checkpoints").exists()
+    # an explicit key applies on top
+    r = gaugeflow("train.stop_after=2", "train.lr=0.001", "resume=run", "hydra.run.dir=other", cwd=tmp_path)
+    assert r.returncode == 0 and "lr: 0.001" in load_checkpoint(tmp_path / "run").config

@@ -10,10 +10,12 @@ from gaugeflow.flows.models import build_flow_model
 from gaugeflow.theories import build_theory
 
 
-def theory_from_config(cfg: DictConfig):
-    """The theory of ``cfg.theory`` on ``cfg.lattice.shape``; bad values are a :class:`UsageError`."""
+def theory_from_config(cfg: DictConfig, shape=None):
+    """The theory of ``cfg.theory`` on ``cfg.lattice.shape`` (or on ``shape``, a decomposed run's
+    local block); bad values are a :class:`UsageError`."""
     try:
-        return build_theory(OmegaConf.to_container(cfg.theory, resolve=True), cfg.lattice.shape)
+        return build_theory(OmegaConf.to_container(cfg.theory, resolve=True),
+                            cfg.lattice.shape if shape is None else list(shape))
     except ValueError as err:
         raise UsageError(str(err)) from None
 

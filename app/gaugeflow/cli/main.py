@@ -32,8 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     if job not in JOBS:
         print(f"gaugeflow: unknown job {job!r}; choose one of {', '.join(JOBS)}", file=sys.stderr)
         sys.exit(2)
+    # ranks other than 0 of a multi-process launch stay out of the run directory
+    from gaugeflow.dist.env import LaunchError, detect_launch, main_only_hydra_overrides
+
+    try:
+        rank = detect_launch().rank
+    except LaunchError as err:
+        print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     # Hydra parses sys.argv itself; it names the job after argv[0]
-    sys.argv = [f"gaugeflow-{job}", *argv[1:]]
+    sys.argv = [f"gaugeflow-{job}", *argv[1:], *main_only_hydra_overrides(rank)]
     importlib.import_module(JOBS[job][0]).main()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import pathlib
@@ -25,15 +26,13 @@ from gaugeflow.cli.common import (
 )
 from gaugeflow.cli.build import model_from_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
+from gaugeflow.cli.restore import restore_config
+from gaugeflow.dist.env import LaunchError
+from gaugeflow.dist.init import DistConfigError, init_from_config
+from gaugeflow.dist.parallel import Parallel
 from gaugeflow.monitor import build_logger
 from gaugeflow.cli.schema import register
-from gaugeflow.io.checkpoint import (
-    CheckpointError,
-    checkpoint_path,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
+from gaugeflow.io.checkpoint import checkpoint_path, save_checkpoint
 from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
 from gaugeflow.train.losses import LossOutput
 
@@ -89,81 +88,148 @@ class Diverged(RuntimeError):
     """Too many consecutive non-finite steps: the run stops, its last good checkpoint intact."""
 
 
+def _parallel(cfg: DictConfig) -> Parallel:
+    """The process layout from ``cfg.dist``; launch and layout errors are one-line usage errors."""
+    try:
+        ctx = init_from_config(cfg.dist)
+    except (DistConfigError, LaunchError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    try:
+        return Parallel(ctx, cfg.lattice.shape, cfg.dist.lattice_grid)
+    except ValueError as err:
+        ctx.shutdown()
+        raise UsageError(str(err).splitlines()[0]) from None
+
+
+#: what ``resume=`` takes from the checkpoint's config (command-line overrides apply on top)
+RESUMED = ("theory", "model", "lattice", "train", "loss", "optim", "sched")
+#: budgets of one invocation, never inherited from the run being resumed
+PER_INVOCATION = ("stop_after", "max_time", "progress")
+
+
 def run_train(cfg: DictConfig) -> dict:
+    ck = None
+    if cfg.resume:
+        # the run continues as it was configured; explicit keys on the command line apply on top
+        given = {k: cfg.train[k] for k in PER_INVOCATION}
+        cfg, ck = restore_config(cfg, cfg.resume, "resume", sections=RESUMED)
+        for k, v in given.items():
+            cfg.train[k] = v
     _check(cfg)
     t = cfg.train
     max_time = parse_duration(t.max_time, "train.max_time")
     dtype = resolve_dtype(t.dtype, "train.dtype")
-    device = resolve_device(cfg.device)
-
-    ck = None
-    run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
-    if cfg.resume:
-        try:
-            ck = load_checkpoint(cfg.resume, "resume")
-        except CheckpointError as err:
-            raise UsageError(str(err)) from None
-        if ck.theory != cfg.theory.name:
-            raise UsageError(f"resume={cfg.resume}: checkpoint of theory {ck.theory!r}, not {cfg.theory.name!r}")
-        run_dir = ck.path.parent.parent  # continue the same run
-    # the initial weights come from torch's global generator: seed it for reproducible runs
-    torch.manual_seed(int(cfg.seed))
-    theory = theory_from_config(cfg)
-    model = model_from_config(cfg, theory, dtype, device)
-    loss_fn = instantiate_node(cfg.loss, "loss")
+    if cfg.dist.strategy == "none":
+        resolve_device(cfg.device)  # a clear error for an absent cuda/xpu before anything starts
+    par = _parallel(cfg)
     try:
-        loss_fn.bind(theory, device, dtype)
-    except ValueError as err:
-        raise UsageError(str(err).splitlines()[0]) from None
-    opt = instantiate_node(cfg.optim, "optim", params=model.parameters(), lr=t.lr)
-    sched = instantiate_node(cfg.sched, "sched", optimizer=opt, total_steps=t.steps)
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    step = 0
-    if ck is not None:
-        try:
-            model.load_state_dict(ck.model)
-            opt.load_state_dict(ck.optim)
-            sched.load_state_dict(ck.sched)
-            gen.set_state(ck.rng["sampler"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as err:
-            raise UsageError(f"resume={ck.path}: does not fit this model ({str(err).splitlines()[0]})") from None
-        step = ck.step
+        return _train(cfg, ck, par, max_time, dtype)
+    finally:
+        par.ctx.shutdown()
 
+
+def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: torch.dtype) -> dict:
+    t = cfg.train
+    device = par.ctx.device
+    run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
+    if ck is not None:
+        run_dir = ck.path.parent.parent  # continue the same run
+    # every rank writes into rank 0's run directory (their Hydra clocks may differ)
+    run_dir = pathlib.Path(par.broadcast_object(str(run_dir)))
+    try:
+        batch = par.local_batch(t.batch_size)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    micro = t.micro_batch_size or batch
+    require(batch % micro == 0, f"train.micro_batch_size={micro} must divide the per-replica batch {batch}")
+    require(par.decomp is None or cfg.loss.name != "forward_kl",
+            "loss=forward_kl does not support dist.lattice_grid (the ensemble is not decomposed)")
+
+    with par.physics():
+        # the initial weights come from torch's global generator: seed it for reproducible runs
+        torch.manual_seed(int(cfg.seed))
+        theory = theory_from_config(cfg, par.local_shape)
+        model = model_from_config(cfg, theory, dtype, device)
+        par.broadcast_parameters(model)
+        loss_fn = instantiate_node(cfg.loss, "loss")
+        try:
+            loss_fn.bind(theory, device, dtype)
+        except ValueError as err:
+            raise UsageError(str(err).splitlines()[0]) from None
+        opt = instantiate_node(cfg.optim, "optim", params=model.parameters(), lr=t.lr)
+        sched = instantiate_node(cfg.sched, "sched", optimizer=opt, total_steps=t.steps)
+        gen = torch.Generator(device=device).manual_seed(par.seed(cfg.seed))
+        step = 0
+        if ck is not None:
+            try:
+                model.load_state_dict(ck.model)
+                opt.load_state_dict(ck.optim)
+                sched.load_state_dict(ck.sched)
+            except (RuntimeError, KeyError, ValueError, TypeError) as err:
+                raise UsageError(f"resume={ck.path}: does not fit this model ({str(err).splitlines()[0]})") from None
+            step = ck.step
+            _restore_rng(gen, ck.rng, par, int(cfg.seed), step)
+        return _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time)
+
+
+def _restore_rng(gen: torch.Generator, rng: dict, par: Parallel, seed: int, step: int) -> None:
+    """This rank's sampling stream from a checkpoint; a rank the checkpoint lacks (more ranks than
+    when it was written) starts a fresh stream keyed by (seed, rank, step)."""
+    key = "sampler" if par.rank == 0 else f"sampler_rank{par.rank}"
+    if key in rng:
+        gen.set_state(rng[key])
+    else:
+        gen.manual_seed(par.seed(seed * 1_000_003 + step))
+
+
+def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time) -> dict:
+    t = cfg.train
+    device = par.ctx.device
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     metrics_path = run_dir / "metrics.csv"
-    new_file = not metrics_path.exists()
     action = theory.action
-    micro = t.micro_batch_size or t.batch_size
+    last_ck = step if cfg.resume else None
 
     def checkpoint() -> pathlib.Path:
-        return save_checkpoint(run_dir, step, model=model.state_dict(), optim=opt.state_dict(),
-                               sched=sched.state_dict(), rng={"sampler": gen.get_state()},
-                               theory=theory.name, config=config_yaml, keep=t.keep)
+        states = par.gather_objects(gen.get_state())  # collective: every rank takes part
+        path = checkpoint_path(run_dir, step)
+        if par.is_main:
+            rng = {"sampler": states[0], **{f"sampler_rank{r}": st for r, st in enumerate(states) if r}}
+            path = save_checkpoint(run_dir, step, model=model.state_dict(), optim=opt.state_dict(),
+                                   sched=sched.state_dict(), rng=rng, theory=theory.name, config=config_yaml,
+                                   keep=t.keep)
+        par.barrier()  # the file is complete before any rank goes on (or exits)
+        return path
 
     reason, skipped, in_a_row, done_here = "completed", 0, 0, 0
-    path = None
     t0 = time.monotonic()
-    show = bool(t.progress) and sys.stdout.isatty()
+    show = bool(t.progress) and sys.stdout.isatty() and par.is_main
     last = {}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), job_type="train")
-    with logger, open(metrics_path, "a", newline="") as fh, stop_on_sigterm() as sigterm, \
-            progress_bar(show, t.steps - step, "train") as bar:
-        writer = csv.DictWriter(fh, fieldnames=METRICS)
-        if new_file:
+    if par.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    new_file = not metrics_path.exists()
+    logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), rank=par.rank,
+                          job_type="train")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(logger)
+        fh = stack.enter_context(open(metrics_path, "a", newline="")) if par.is_main else None
+        sigterm = stack.enter_context(stop_on_sigterm())
+        bar = stack.enter_context(progress_bar(show, t.steps - step, "train"))
+        writer = csv.DictWriter(fh, fieldnames=METRICS) if fh is not None else None
+        if writer is not None and new_file:
             writer.writeheader()
         while step < t.steps:
-            if sigterm():
+            if par.any(sigterm()):
                 reason = "SIGTERM"
                 break
-            if max_time is not None and time.monotonic() - t0 > max_time:
+            if par.any(max_time is not None and time.monotonic() - t0 > max_time):
                 reason = "train.max_time"
                 break
             if t.stop_after is not None and done_here >= t.stop_after:
                 reason = "train.stop_after"
                 break
             ts = time.monotonic()
-            out, norm = _accumulated_step(model, opt, loss_fn, action, t.batch_size, micro, gen, t.grad_clip)
+            out, norm = _accumulated_step(model, opt, loss_fn, action, batch, micro, gen, t.grad_clip, par)
             if torch.isfinite(norm):
                 opt.step()
                 in_a_row = 0
@@ -176,32 +242,36 @@ def run_train(cfg: DictConfig) -> dict:
             done_here += 1
             dt = time.monotonic() - ts
             if in_a_row >= t.max_nonfinite:
-                last_good = list_checkpoints(run_dir)
+                good = checkpoint_path(run_dir, last_ck) if last_ck is not None else "none"
                 raise Diverged(f"training stopped at step {step}: {in_a_row} consecutive steps with a non-finite "
-                               f"loss or gradient (train.max_nonfinite); last good checkpoint: "
-                               f"{last_good[-1] if last_good else 'none'}")
+                               f"loss or gradient (train.max_nonfinite); last good checkpoint: {good}")
             if step % t.log_every == 0 or step == t.steps:
-                row = _metrics(step, out, loss_fn, model, theory, gen.device, int(cfg.seed), t.batch_size)
+                row = _metrics(step, out, loss_fn, model, theory, par, gen.device, int(cfg.seed), batch)
                 row.update(lr=opt.param_groups[0]["lr"], grad_norm=float(norm), seconds_per_step=dt,
                            samples_per_second=t.batch_size / dt, peak_memory_mb=_peak_mb(device),
                            nonfinite_skipped=skipped)
-                writer.writerow(row)
-                fh.flush()
+                if writer is not None:
+                    writer.writerow(row)
+                    fh.flush()
                 logger.log_metrics(row, step)
                 last = row
                 bar.advance(f"F={row['free_energy']:.4g} ess={row['ess']:.3f}")
             if step % t.checkpoint_every == 0:
-                path = checkpoint()
-        if path is None or list_checkpoints(run_dir)[-1] != checkpoint_path(run_dir, step):
-            path = checkpoint()
-        fh.flush()
+                checkpoint()
+                last_ck = step
+        if last_ck != step:
+            checkpoint()
+        path = checkpoint_path(run_dir, step)
+        if fh is not None:
+            fh.flush()
         seconds = time.monotonic() - t0
         summary = dict(step=step, stop_reason=reason, seconds=seconds, checkpoint=str(path), **_evaluate(
-            model, theory, t.eval_samples, t.batch_size, cfg.seed, device))
+            model, theory, par, t.eval_samples, batch, cfg.seed, device))
         if logger.active:
             logger.log_summary(summary)
             logger.log_images(_training_plots(run_dir))
-    _report(theory, summary, last)
+    if par.is_main:
+        _report(theory, summary, last, par)
     return summary
 
 
@@ -217,18 +287,21 @@ def _training_plots(run_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     return {pathlib.Path(p).stem: p for p in written}
 
 
-def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, clip):
+def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, clip, par: Parallel | None = None):
     """Gradients of the batch loss accumulated over ``batch / micro`` chunks; returns (merged output, norm).
 
-    Each chunk's mean loss is weighted by ``micro / batch``, so the sum is the batch mean.
-    A non-finite chunk loss ends the step early with a NaN norm (the update is skipped).
+    Each chunk's mean loss is weighted by ``micro / batch``, so the sum is the batch mean. A
+    non-finite chunk loss ends the step early with a NaN norm (the update is skipped); with
+    several processes its gradients become NaN so that every rank skips the same step.
     """
     opt.zero_grad(set_to_none=True)
     outs = []
+    finite = True
     for _ in range(batch // micro):
         out = loss_fn(model, action, micro, gen)
         outs.append(out)
         if not torch.isfinite(out.loss):
+            finite = False
             break
         # a single chunk is not rescaled, so the default path stays bitwise what it was
         (out.loss if micro == batch else out.loss * (micro / batch)).backward()
@@ -238,13 +311,18 @@ def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, 
         action=torch.cat([o.action for o in outs]),
         samples=torch.cat([o.samples for o in outs]) if outs[0].samples is not None else None,
     )
-    if not torch.isfinite(merged.loss):
+    if par is not None and par.active:
+        if not finite:
+            for p in model.parameters():
+                p.grad = torch.full_like(p, math.nan)
+        par.reduce_gradients(model.parameters())
+    elif not finite:
         return merged, torch.tensor(math.nan)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)
     return merged, norm
 
 
-def _metrics(step, out, loss_fn, model, theory, device, seed, batch) -> dict:
+def _metrics(step, out, loss_fn, model, theory, par: Parallel, device, seed, batch) -> dict:
     """The logged row: free-energy bound, ESS and plaquette come from draws of q.
 
     For a loss that does not sample q (forward KL) a fresh batch is drawn, from a stream
@@ -252,14 +330,18 @@ def _metrics(step, out, loss_fn, model, theory, device, seed, batch) -> dict:
     """
     log_q, s, samples = out.log_q, out.action, out.samples
     if not loss_fn.samples_from_model:
-        g = torch.Generator(device=device).manual_seed(_eval_seed(seed * 1_000_003 + step))
+        g = torch.Generator(device=device).manual_seed(_eval_seed(par.seed(seed * 1_000_003 + step)))
         with torch.no_grad():
             samples, log_q = model.sample(min(batch, 256), g)
             s = theory.action(samples)
-    log_w = (-s - log_q).double()
-    return dict(step=step, loss=out.loss.item(), free_energy=(log_q + s).double().mean().item(),
-                ess=effective_sample_size(log_w).item(), var_log_w=log_w.var().item(),
-                plaquette=_mean_plaquette(theory, samples))
+    # the global batch: per-sample values of every data-parallel replica
+    log_q, s = par.gather_replicas(log_q.double()), par.gather_replicas(s.double())
+    loss = par.gather_replicas(out.loss.detach().double().reshape(1)).mean()
+    plaq = _mean_plaquette(theory, samples)
+    plaq = par.gather_replicas(torch.tensor([plaq], dtype=torch.float64, device=log_q.device)).mean().item()
+    log_w = -s - log_q
+    return dict(step=step, loss=loss.item(), free_energy=(log_q + s).mean().item(),
+                ess=effective_sample_size(log_w).item(), var_log_w=log_w.var().item(), plaquette=plaq)
 
 
 def _mean_plaquette(theory, samples) -> float:
@@ -279,21 +361,25 @@ def _peak_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def _evaluate(model, theory, n, batch, seed, device) -> dict:
+def _evaluate(model, theory, par: Parallel, n, batch, seed, device) -> dict:
+    """ESS and log Z from ``n`` independent draws (each replica draws its share)."""
     if n <= 0:
         return {}
-    gen = torch.Generator(device=device).manual_seed(_eval_seed(int(seed)))
+    gen = torch.Generator(device=device).manual_seed(_eval_seed(par.seed(int(seed))))
+    mine = -(-n // par.replicas)
     lw = []
-    for i in range(0, n, batch):
-        x, log_q = model.sample(min(batch, n - i), gen)
+    for i in range(0, mine, batch):
+        x, log_q = model.sample(min(batch, mine - i), gen)
         lw.append(-theory.action(x).double() - log_q.double())
-    lw = torch.cat(lw)
+    lw = par.gather_replicas(torch.cat(lw))
+    n = lw.numel()
     log_z, err = log_z_estimate(lw)
     return dict(ess=effective_sample_size(lw).item(), log_z=log_z, log_z_err=err, eval_samples=n)
 
 
-def _report(theory, summary, last) -> None:
-    lines = [f"train {theory.name} shape={list(theory.lattice.shape)}: step {summary['step']} in "
+def _report(theory, summary, last, par: Parallel) -> None:
+    where = "" if not par.active else f" on {par.world} ranks ({par.replicas} replicas x {par.world // par.replicas} lattice blocks)"
+    lines = [f"train {theory.name} shape={list(theory.lattice.global_shape)}{where}: step {summary['step']} in "
              f"{summary['seconds']:.1f} s" + ("" if summary["stop_reason"] == "completed"
                                                else f" (stopped by {summary['stop_reason']})")]
     if "ess" in summary:

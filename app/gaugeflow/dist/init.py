@@ -38,7 +38,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -75,6 +75,7 @@ class DistConf:
     backend: Optional[str] = None  # null: from the device (gloo / nccl / xccl)
     timeout_s: float = DEFAULT_TIMEOUT_S
     device: str = "auto"  # auto | cpu | cuda | xpu (each rank takes local_rank modulo the visible devices)
+    lattice_grid: Optional[List[int]] = None  # ranks per lattice axis (domain decomposition); null: none
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""``gaugeflow score``: a trained flow's log q (and log p = -S) on every configuration of an ensemble.
+
+With an ensemble distributed as p (an HMC or IMH chain), ``E_p[log p~ - log q] = KL(p||q) + log Z``:
+the forward KL divergence, the one that needs samples of p (Albergo, Kanwar & Shanahan,
+arXiv:1904.12072, train with the reverse one, which does not). With the exact log Z of a 2d
+theory this gives the forward KL itself; like the reverse KL it vanishes only for q = p. An
+ensemble of independent flow draws (``gaugeflow sample sample.method=reweight``) is reweighted
+to p with its own stored weights.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+import h5py
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from gaugeflow.cli.build import theory_from_config
+from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require, resolve_device
+from gaugeflow.cli.progress import progress_bar
+from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
+from gaugeflow.cli.sample import exact_values, write_summary
+from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
+from gaugeflow.io.ensemble import EnsembleError, read_ensemble
+from gaugeflow.io.provenance import provenance
+from gaugeflow.sampling.statistics import gamma_method
+from gaugeflow.sampling.summary import reweighted
+
+
+@dataclass
+class ScoreConf:
+    batch_size: int = 256
+    progress: bool = True
+
+
+@dataclass
+class ScoreJob:
+    theory: TheoryConf = field(default_factory=TheoryConf)
+    lattice: LatticeConf = field(default_factory=LatticeConf)
+    model: ModelConf = field(default_factory=ModelConf)
+    score: ScoreConf = field(default_factory=ScoreConf)
+    checkpoint: Optional[str] = None
+    ensemble: Optional[str] = None
+    device: str = "cpu"
+    out: str = MISSING
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="score_schema", node=ScoreJob)
+
+
+register()
+
+
+def run_score(cfg: DictConfig) -> dict:
+    """Run the job described by ``cfg``; returns the summary it wrote to summary.json."""
+    require(bool(cfg.checkpoint), "checkpoint=<checkpoint file or run directory> is required")
+    require(bool(cfg.ensemble), "ensemble=<ensemble file> is required")
+    require(cfg.score.batch_size >= 1, f"score.batch_size must be >= 1, got {cfg.score.batch_size}")
+    device = resolve_device(cfg.device)
+    where = f"checkpoint={cfg.checkpoint}"
+    cfg, ck = restore_config(cfg, cfg.checkpoint, "checkpoint", load=("model",))
+    theory = theory_from_config(cfg)
+    ens = read_ensemble(cfg.ensemble, load_fields=False)
+    _check_ensemble(ens, theory, f"ensemble={cfg.ensemble}", where)
+    model = restore_model(cfg, theory, ck, device, where)
+    dtype = training_dtype(ck, where)
+
+    n, bs = ens.n_cfg, int(cfg.score.batch_size)
+    log_q = np.empty(n, dtype=np.float64)
+    log_p = np.empty(n, dtype=np.float64)
+    show = bool(cfg.score.progress) and sys.stdout.isatty()
+    with h5py.File(ens.path, "r") as f, progress_bar(show, math.ceil(n / bs), "score") as bar, torch.no_grad():
+        ds = f[ens.field_name]
+        for i in range(0, n, bs):
+            x = torch.from_numpy(np.asarray(ds[i:i + bs])).to(device)
+            # the action in float64 whatever the file holds; log q in the model's own precision
+            log_p[i:i + bs] = (-theory.action(x.to(theory.field_dtype(torch.float64)))).double().cpu().numpy()
+            log_q[i:i + bs] = model.log_prob(x.to(theory.field_dtype(dtype))).double().cpu().numpy()
+            bar.advance()
+
+    diff = log_p - log_q
+    stored_w = _stored_weights(ens)
+    est = gamma_method(diff) if stored_w is None else reweighted(diff, stored_w)
+    exact = exact_values(theory)
+    summary = {"log_p_minus_log_q": {"mean": est.mean, "err": est.err, "tau_int": est.tau_int},
+               "n": n, "weighted": stored_w is not None}
+    if "log_z" in exact:
+        summary["log_z_exact"] = exact["log_z"]
+        summary["forward_kl"] = {"mean": est.mean - exact["log_z"], "err": est.err}
+    attrs = theory.attributes()
+    attrs.update(
+        config=OmegaConf.to_yaml(cfg, resolve=True),
+        ensemble=str(ens.path.resolve()),
+        ensemble_sha256=sha256_file(ens.path),
+        checkpoint=str(ck.path.resolve()),
+        checkpoint_sha256=sha256_file(ck.path),
+        checkpoint_step=int(ck.step),
+        model_dtype=str(dtype).removeprefix("torch."),
+        n_cfg=n,
+        log_p_minus_log_q=est.mean,
+        log_p_minus_log_q_err=est.err,
+    )
+    out = _write_scores(cfg.out, log_q, log_p, attrs)
+    summary.update(ensemble=str(ens.path.resolve()), checkpoint=str(ck.path.resolve()), out=str(out))
+    write_summary(summary)
+    _report(theory, summary, ens, ck, out)
+    return summary
+
+
+def _check_ensemble(ens, theory, where: str, ck_where: str) -> None:
+    """The ensemble must be of the checkpoint's theory, lattice and action parameters."""
+    if ens.theory != theory.name:
+        raise UsageError(f"{where}: ensemble of theory {ens.theory!r}, not {theory.name!r} of {ck_where}")
+    shape = [int(s) for s in np.atleast_1d(ens.attrs["shape"])]
+    if shape != list(theory.lattice.shape):
+        raise UsageError(f"{where}: lattice shape {shape}, not {list(theory.lattice.shape)} of {ck_where}")
+    want = "links" if theory.is_gauge else "phi"
+    if ens.field_name != want:
+        raise UsageError(f"{where}: holds '{ens.field_name}', the theory of {ck_where} needs '{want}'")
+    if ens.n_cfg == 0:
+        raise UsageError(f"{where}: ensemble holds no configurations")
+    # log p = -S must be the ensemble's own density, or E_p[log p - log q] means nothing
+    group = theory.attributes()["group"]
+    for k, ours in {"group": group, **theory.params}.items():
+        if k not in ens.attrs:
+            continue
+        theirs = ens.attrs[k]
+        if isinstance(ours, (int, float)) and not isinstance(ours, bool):
+            try:
+                same = math.isclose(float(theirs), float(ours), rel_tol=1e-9, abs_tol=1e-12)
+            except (TypeError, ValueError):
+                same = False
+        else:
+            same = str(theirs) == str(ours)
+        if not same:
+            raise UsageError(f"{where}: {k}={theirs} in the ensemble but {ours} in the theory of {ck_where} "
+                             f"(override theory.{k} to score against it)")
+
+
+def _stored_weights(ens) -> np.ndarray | None:
+    """Importance weights of an ensemble of independent flow draws (sampler=reweight), else None."""
+    if str(ens.attrs.get("sampler", "")) != "reweight":
+        return None
+    if "log_p" not in ens.columns or "log_q" not in ens.columns:
+        raise EnsembleError(f"{ens.path}: a reweight ensemble needs the datasets 'log_p' and 'log_q'")
+    return np.asarray(ens.columns["log_p"], dtype=np.float64) - np.asarray(ens.columns["log_q"], dtype=np.float64)
+
+
+def _write_scores(path, log_q: np.ndarray, log_p: np.ndarray, attrs: dict) -> pathlib.Path:
+    """``log_q`` and ``log_p`` datasets with provenance attributes, written under a temporary name."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in {**provenance(), **attrs}.items():
+                f.attrs[k] = np.asarray(v, dtype=np.int64) if isinstance(v, list) else v
+            f.create_dataset("log_q", data=log_q)
+            f.create_dataset("log_p", data=log_p)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _report(theory, summary, ens, ck, out) -> None:
+    est = summary["log_p_minus_log_q"]
+    how = "reweighted with the ensemble's weights" if summary["weighted"] else f"tau_int {est['tau_int']:.2f}"
+    lines = [
+        f"score {theory.name} shape={list(theory.lattice.shape)}: {summary['n']} configurations of {ens.path} "
+        f"under {ck.path} (step {ck.step})",
+        f"  {'E_p[log p~ - log q]':<22} {est['mean']:.6g} +- {est['err']:.2g}   {how}   (= KL(p||q) + log Z)",
+    ]
+    if "log_z_exact" in summary:
+        kl = summary["forward_kl"]
+        lines.append(f"  {'log Z':<22} exact {summary['log_z_exact']:.6g}")
+        lines.append(f"  {'forward KL(p||q)':<22} {kl['mean']:.6g} +- {kl['err']:.2g}")
+    lines.append(f"wrote log_q and log_p of {summary['n']} configurations to {out}")
+    print("\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="score")
+def main(cfg: DictConfig) -> None:
+    guarded(run_score)(cfg)

@@ -1,0 +1,304 @@
+"""``gaugeflow sample`` and ``gaugeflow score``: ensembles from a trained flow, scores of an ensemble,
+the checkpoint-restore rule, bad input, and the issue's acceptance test against the exact plaquette."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gaugeflow import exact
+from gaugeflow.io import read_ensemble
+from gaugeflow.io.checkpoint import load_checkpoint, save_checkpoint
+
+ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+TINY = ["model=small", "train.steps=5", "train.batch_size=16", "lattice.shape=[4,4]", "seed=1"]
+
+
+def gaugeflow(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gaugeflow.cli.main", *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(r):
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return r
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A tiny trained run ``run/`` and a short HMC ensemble ``hmc.h5`` of the same theory and lattice."""
+    d = tmp_path_factory.mktemp("sample")
+    ok(gaugeflow("train", *TINY, "hydra.run.dir=run", cwd=d))
+    ok(gaugeflow("hmc", "hmc.n_traj=10", "lattice.shape=[4,4]", "out=hmc.h5", "hydra.run.dir=hmc_run", cwd=d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def imh(work):
+    r = ok(gaugeflow("sample", "checkpoint=run", "sample.n=40", "sample.batch_size=16", "seed=7", "out=imh.h5",
+                     "hydra.run.dir=imh_run", cwd=work))
+    return r
+
+
+@pytest.fixture(scope="module")
+def rw(work):
+    r = ok(gaugeflow("sample", "checkpoint=run", "sample=reweight", "sample.n=40", "sample.batch_size=16", "seed=7",
+                     "out=rw.h5", "hydra.run.dir=rw_run", cwd=work))
+    return r
+
+
+def test_imh_ensemble(work, imh):
+    ck = load_checkpoint(work / "run")
+    ens = read_ensemble(work / "imh.h5")
+    assert ens.field_name == "links" and ens.fields.shape == (40, 2, 4, 4, 1, 1)
+    c = ens.columns
+    for key in ("log_q", "log_p", "accepted", "action", "plaquette", "topological_charge", "proposal"):
+        assert c[key].shape == (40,), key
+    assert c["log_q"].dtype == np.float64 and c["log_p"].dtype == np.float64
+    assert np.array_equal(c["log_p"], -c["action"])
+    assert c["accepted"].dtype == np.bool_ and c["accepted"][0]
+    assert 0 < c["accepted"].sum() < 40  # a 5-step model accepts some proposals and rejects others
+    # a rejected step repeats the previous configuration together with its log q and log p
+    for i in np.flatnonzero(~c["accepted"]):
+        assert np.array_equal(ens.fields[i], ens.fields[i - 1])
+        assert c["log_q"][i] == c["log_q"][i - 1] and c["log_p"][i] == c["log_p"][i - 1]
+        assert c["proposal"][i] == c["proposal"][i - 1]
+    assert np.array_equal(c["proposal"][c["accepted"]], np.flatnonzero(c["accepted"]))
+    a = ens.attrs
+    assert a["sampler"] == "imh" and a["theory"] == "u1_2d" and list(a["shape"]) == [4, 4]
+    assert a["checkpoint"] == str(ck.path.resolve()) and a["checkpoint_sha256"] == sha256(ck.path)
+    assert a["checkpoint_step"] == 5 and a["seed"] == 7 and a["n_proposals"] == 40
+    assert {"gaugeflow_version", "git_sha", "created", "config"} <= set(a)
+    assert a["acceptance"] == pytest.approx(c["accepted"].mean())
+    summary = json.loads((work / "imh_run" / "summary.json").read_text())
+    for key in ("plaquette", "topological_charge"):
+        assert set(summary[key]) >= {"mean", "err", "tau_int"}
+    assert summary["plaquette"]["mean"] == pytest.approx(c["plaquette"].mean())
+    assert summary["plaquette"]["exact"] == pytest.approx(exact.plaquette("u1", a["beta"], (4, 4)))
+    assert summary["acceptance"] == pytest.approx(c["accepted"].mean())
+    assert 0 < summary["ess"] <= 1 and np.isfinite(summary["log_z"]) and summary["log_z_err"] > 0
+    assert summary["log_z_exact"] == pytest.approx(exact.log_z("u1", a["beta"], (4, 4)))
+    out = imh.stdout
+    for needle in ("ESS (proposals)", "acceptance", "-log Z", "exact", "plaquette", "tau_int", "wrote 40"):
+        assert needle in out, needle
+
+
+def test_reweight_ensemble_holds_the_proposals_of_the_chain(work, imh, rw):
+    chain, draws = read_ensemble(work / "imh.h5"), read_ensemble(work / "rw.h5")
+    assert "accepted" not in draws.columns and draws.attrs["sampler"] == "reweight"
+    assert {"log_q", "log_p", "plaquette"} <= set(draws.columns)
+    # same seed, same proposals: every chain state is the proposal it names, across batch boundaries
+    p = chain.columns["proposal"]
+    assert np.array_equal(chain.fields, draws.fields[p])
+    assert np.array_equal(chain.columns["log_q"], draws.columns["log_q"][p])
+    summary = json.loads((work / "rw_run" / "summary.json").read_text())
+    assert summary["acceptance"] is None and summary["method"] == "reweight"
+    lw = draws.columns["log_p"] - draws.columns["log_q"]
+    w = np.exp(lw - lw.max())
+    assert summary["plaquette"]["mean"] == pytest.approx((w * draws.columns["plaquette"]).sum() / w.sum())
+    assert summary["ess"] == pytest.approx(w.sum() ** 2 / (w**2).sum() / 40)
+    assert "acceptance" not in rw.stdout
+
+
+def test_score_reproduces_the_samplers_log_q(work, imh):
+    ok(gaugeflow("score", "checkpoint=run", "ensemble=imh.h5", "out=imh_scores.h5", "hydra.run.dir=s1", cwd=work))
+    ens = read_ensemble(work / "imh.h5")
+    with h5py.File(work / "imh_scores.h5") as f:
+        log_q, log_p = f["log_q"][()], f["log_p"][()]
+    # log q by the inverse flow on the stored configurations = log q from sampling (float32 model)
+    assert np.allclose(log_q, ens.columns["log_q"], rtol=0, atol=2e-3)
+    assert np.array_equal(log_p, ens.columns["log_p"])
+
+
+def test_score_hmc_ensemble(work):
+    r = ok(gaugeflow("score", "checkpoint=run", "ensemble=hmc.h5", "score.batch_size=3", "hydra.run.dir=s2",
+                     cwd=work))
+    assert "E_p[log p~ - log q]" in r.stdout and "forward KL" in r.stdout and "exact" in r.stdout
+    ck = load_checkpoint(work / "run")
+    ens = read_ensemble(work / "hmc.h5")
+    with h5py.File(work / "s2" / "scores.h5") as f:  # out defaults to the run directory
+        log_q, log_p, attrs = f["log_q"][()], f["log_p"][()], dict(f.attrs)
+    assert log_q.shape == log_p.shape == (10,) and np.all(np.isfinite(log_q))
+    assert np.allclose(log_p, ens.columns["log_p"], rtol=1e-12, atol=1e-9)
+    assert attrs["ensemble_sha256"] == sha256(work / "hmc.h5") and attrs["checkpoint_sha256"] == sha256(ck.path)
+    assert attrs["theory"] == "u1_2d" and attrs["n_cfg"] == 10
+    summary = json.loads((work / "s2" / "summary.json").read_text())
+    est = summary["log_p_minus_log_q"]
+    assert est["mean"] == pytest.approx((log_p - log_q).mean()) and est["err"] > 0
+    log_z = exact.log_z("u1", ens.attrs["beta"], (4, 4))
+    assert summary["log_z_exact"] == pytest.approx(log_z)
+    assert summary["forward_kl"]["mean"] == pytest.approx(est["mean"] - log_z)
+
+
+def test_overrides_apply_on_top_of_the_checkpoint(work):
+    beta = read_ensemble(work / "hmc.h5", load_fields=False).attrs["beta"] + 0.5
+    ok(gaugeflow("sample", "checkpoint=run", f"theory.beta={beta}", "sample.n=8", "out=b.h5", "hydra.run.dir=b",
+                 cwd=work))
+    a = read_ensemble(work / "b.h5", load_fields=False).attrs
+    assert a["beta"] == beta and list(a["shape"]) == [4, 4]  # the lattice still comes from the checkpoint
+    # an explicit group choice consistent with the checkpoint is allowed and means the composed group
+    ok(gaugeflow("sample", "checkpoint=run/checkpoints/step_00000005.h5", "theory=u1_2d", "model=small",
+                 "sample.n=4", "out=c.h5", "hydra.run.dir=c", cwd=work))
+    for args, needle in [(["model=default"], "does not fit this model"),
+                         (["theory=su2_2d"], "checkpoint of theory 'u1_2d', not 'su2_2d'")]:
+        r = gaugeflow("sample", "checkpoint=run", "sample.n=4", *args, "out=x.h5", "hydra.run.dir=x", cwd=work)
+        one_line_error(r, needle, work, "x.h5", "x")
+
+
+def one_line_error(r, needle, cwd, out, run_dir):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (r.stdout, r.stderr)
+    assert needle in lines[0], (needle, lines[0])
+    assert not (cwd / out).exists() and not (cwd / run_dir).exists()
+    assert not any(p.name.startswith(f".{out}.tmp") for p in cwd.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["checkpoint=nowhere.h5"], "checkpoint=nowhere.h5: no such checkpoint file or run directory"),
+    ([], "checkpoint=<checkpoint file or run directory> is required"),
+    (["checkpoint=run", "sample.n=0"], "sample.n must be >= 1, got 0"),
+    (["checkpoint=run", "sample.method=hmc"], "sample.method must be imh or reweight"),
+])
+def test_sample_bad_input(work, args, needle):
+    r = gaugeflow("sample", *args, "out=bad.h5", "hydra.run.dir=bad", cwd=work)
+    one_line_error(r, needle, work, "bad.h5", "bad")
+
+
+def fake_ensemble(path, theory_name, shape, beta):
+    """A valid ensemble file of two random configurations (no sampler run needed to test rejection)."""
+    from gaugeflow.io import EnsembleWriter
+    from gaugeflow.theories import build_theory
+
+    group = theory_name.split("_")[0]
+    theory = build_theory({"name": theory_name, "kind": "gauge", "group": group, "dim": 2, "beta": beta}, shape)
+    links = theory.start(2, "hot", torch.Generator().manual_seed(0))
+    with EnsembleWriter(path, "links", links.shape[1:], links.dtype, theory.attributes()) as w:
+        w.append(links, log_p=-theory.action(links))
+
+
+def test_score_bad_input(work):
+    beta = read_ensemble(work / "hmc.h5", load_fields=False).attrs["beta"]
+    fake_ensemble(work / "su2.h5", "su2_2d", [4, 4], beta)
+    fake_ensemble(work / "wide.h5", "u1_2d", [4, 6], beta)
+    for args, needle in [
+        (["checkpoint=run", "ensemble=su2.h5"], "ensemble=su2.h5: ensemble of theory 'su2_2d', not 'u1_2d'"),
+        (["checkpoint=run", "ensemble=wide.h5"], "ensemble=wide.h5: lattice shape [4, 6], not [4, 4]"),
+        (["checkpoint=run", "ensemble=hmc.h5", f"theory.beta={beta + 1}"], f"beta={beta} in the ensemble"),
+        (["checkpoint=run", "ensemble=none.h5"], "none.h5: no such ensemble file"),
+        (["checkpoint=missing", "ensemble=hmc.h5"], "checkpoint=missing: no such checkpoint"),
+    ]:
+        r = gaugeflow("score", *args, "out=bad.h5", "hydra.run.dir=bad", cwd=work)
+        one_line_error(r, needle, work, "bad.h5", "bad")
+
+
+# --- the restore rule, in process (no subprocess): merging keeps the job's schema valid --------------------
+
+
+def compose(name, overrides=()):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import gaugeflow.cli.sample  # noqa: F401  (registers sample_schema)
+    import gaugeflow.cli.score  # noqa: F401  (registers score_schema)
+    from gaugeflow.cli.common import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose(config_name=name, overrides=list(overrides))
+
+
+SAVED = """
+theory: {name: u1_2d, kind: gauge, dim: 2, default_shape: [8, 8], group: u1, beta: 3.0, c1: null,
+         a_key_from_the_future: 1, hmc: {n_steps: 5, traj_length: 1.0, integrator: leapfrog, start: hot, newer: 2}}
+lattice: {shape: [4, 4]}
+model: {kind: null, n_layers: 2, hidden: [4], n_bins: 4, another_future_key: x}
+train: {dtype: float64}
+"""
+
+
+@pytest.fixture
+def fake_ck(tmp_path):
+    save_checkpoint(tmp_path / "ck", 3, model={}, theory="u1_2d", config=SAVED)
+    return tmp_path / "ck"
+
+
+@pytest.mark.parametrize("job", ["sample", "score"])
+def test_restore_merges_into_the_schema(fake_ck, job):
+    from gaugeflow.cli.build import model_from_config, theory_from_config
+    from gaugeflow.cli.restore import restore_config, training_dtype
+
+    cfg = compose(job, ["theory.beta=2.5", "model.n_bins=6"])
+    merged, ck = restore_config(cfg, str(fake_ck), overrides=["theory.beta=2.5", "model.n_bins=6"])
+    assert ck.step == 3 and training_dtype(ck) == torch.float64
+    t, m = merged.theory, merged.model
+    assert t.beta == 2.5 and isinstance(t.beta, float)  # the override, on top of the checkpoint's 3.0
+    assert t.action == "wilson"  # absent from the saved config: the schema's default
+    assert "a_key_from_the_future" not in t and "newer" not in t.hmc and "another_future_key" not in m
+    assert m.n_layers == 2 and list(m.hidden) == [4] and m.n_bins == 6 and m.kernel_size == 3
+    assert list(merged.lattice.shape) == [4, 4]
+    assert OmegaConf.get_type(t).__name__ == "TheoryConf"
+    # the merged config is a valid job config: it resolves and builds theory and model
+    OmegaConf.to_container(merged.theory, resolve=True, throw_on_missing=True)
+    OmegaConf.to_container(merged.model, resolve=True, throw_on_missing=True)
+    theory = theory_from_config(merged)
+    model = model_from_config(merged, theory, torch.float64, torch.device("cpu"))
+    assert theory.params["beta"] == 2.5 and len(model.flow.layers) == 2
+    with pytest.raises(Exception):
+        merged.theory.not_a_key = 1  # still struct: typos fail
+
+
+def test_restore_group_overrides_and_errors(fake_ck, tmp_path):
+    from gaugeflow.cli.common import UsageError
+    from gaugeflow.cli.restore import restore_config
+
+    cfg = compose("sample", ["model=small"])
+    merged, _ = restore_config(cfg, fake_ck, overrides=["model=small"])
+    assert merged.model == cfg.model and merged.theory.beta == 3.0  # composed model, saved theory
+    cfg = compose("sample", ["theory=su2_2d"])
+    with pytest.raises(UsageError, match="checkpoint=.*checkpoint of theory 'u1_2d', not 'su2_2d'"):
+        restore_config(cfg, fake_ck, overrides=["theory=su2_2d"])
+    cfg = compose("sample", ["theory.name=other"])
+    with pytest.raises(UsageError, match="checkpoint of theory 'u1_2d', not 'other'"):
+        restore_config(cfg, fake_ck, overrides=["theory.name=other"])
+    with pytest.raises(UsageError, match=r"^resume=nowhere: no such checkpoint"):
+        restore_config(cfg, "nowhere", "resume", overrides=[])
+    save_checkpoint(tmp_path / "bare", 1, model={}, theory="u1_2d", config="")
+    with pytest.raises(UsageError, match="records no training config"):
+        restore_config(cfg, tmp_path / "bare", overrides=[])
+    save_checkpoint(tmp_path / "bad", 1, model={}, theory="u1_2d", config="theory: {beta: [1, 2]}\nmodel: {}\n"
+                    "lattice: {shape: [4, 4]}\n")
+    with pytest.raises(UsageError, match="checkpoint="):
+        restore_config(compose("sample"), tmp_path / "bad", overrides=[])
+
+
+# --- the issue's acceptance test -------------------------------------------------------------------------
+
+
+@pytest.mark.physics
+def test_train_then_sample_matches_exact_plaquette(tmp_path):
+    """Default theory and lattice: the IMH plaquette agrees with the exact finite-volume value
+    within 3 sigma of its Gamma-method error."""
+    ok(gaugeflow("train", "model=small", "train.steps=300", "train.batch_size=64", "train.lr=3e-3", "seed=11",
+                 "hydra.run.dir=run", cwd=tmp_path))
+    r = ok(gaugeflow("sample", "checkpoint=run", "sample.n=12000", "sample.batch_size=500", "seed=12",
+                     "out=ens.h5", "hydra.run.dir=s", cwd=tmp_path))
+    ens = read_ensemble(tmp_path / "ens.h5", load_fields=False)
+    shape = [int(s) for s in ens.attrs["shape"]]
+    want = exact.plaquette("u1", ens.attrs["beta"], tuple(shape))
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    est = summary["plaquette"]
+    assert abs(est["mean"] - want) < 3 * est["err"], (est, want, r.stdout)
+    assert est["err"] < 0.01, est  # a meaningful error: the chain mixes
+    # the same draws estimate log Z: log q is a density w.r.t. the normalised Haar measure
+    log_z = exact.log_z("u1", ens.attrs["beta"], tuple(shape))
+    assert abs(summary["log_z"] - log_z) < 3 * summary["log_z_err"], (summary["log_z"], log_z, r.stdout)
