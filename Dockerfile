@@ -1,6 +1,7 @@
 # CPU image that runs the default job and the test suite:
 #   docker build -t gaugeflow . && docker run --rm gaugeflow            # default job
-#   docker run --rm gaugeflow python -m pytest                          # tests
+#   docker run --rm -w /opt/gaugeflow gaugeflow python -m pytest        # tests
+# Aurora does not run containers for this: frameworks module + venv (README, jobs/aurora/README.md).
 # For NVIDIA GPUs start from a CUDA PyTorch image instead (e.g. pytorch/pytorch:<ver>-cuda<ver>-cudnn9-runtime),
 # drop the torch line below and keep the rest.
 FROM python:3.11-slim
@@ -16,7 +17,8 @@ COPY app ./app
 COPY conf ./conf
 COPY tests ./tests
 COPY tools ./tools
+COPY jobs ./jobs
 RUN python -m pip install -e ".[test]"
 
 WORKDIR /work
-CMD ["gaugeflow", "hmc"]
+CMD ["gaugeflow", "train"]

@@ -155,3 +155,11 @@ def test_resume_takes_the_run_configuration_from_the_checkpoint(tmp_path):
     # an explicit key applies on top
     r = gaugeflow("train.stop_after=2", "train.lr=0.001", "resume=run", "hydra.run.dir=other", cwd=tmp_path)
     assert r.returncode == 0 and "lr: 0.001" in load_checkpoint(tmp_path / "run").config
+
+
+def test_multirun_sweep(tmp_path):
+    r = gaugeflow("-m", *SMALL, "train.steps=2", "theory.beta=1.0,2.0", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    betas = sorted(float(load_checkpoint(tmp_path / "sweep" / str(i)).config.split("beta: ")[1].split()[0])
+                   for i in (0, 1))
+    assert betas == [1.0, 2.0]
