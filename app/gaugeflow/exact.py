@@ -805,3 +805,15 @@ def wilson_loop(group: str, beta: float, area: int, volume) -> float:
     if n == 0:
         return u1_wilson_loop(beta, area, volume)
     return sun_wilson_loop(n, beta, area, volume)
+
+
+def reference_values(theory) -> dict[str, float]:
+    """Exact finite-volume ``log_z`` and ``plaquette`` of a :class:`gaugeflow.theories.Theory`
+    where known (2d Wilson gauge theories on the whole lattice), else ``{}``."""
+    if not theory.is_gauge or theory.lattice.ndim != 2 or theory.params.get("c1", 0.0) != 0.0:
+        return {}
+    group, beta, shape = theory.group.name, theory.params["beta"], tuple(theory.lattice.global_shape)
+    try:
+        return {"log_z": log_z(group, beta, shape), "plaquette": plaquette(group, beta, shape)}
+    except (ValueError, RuntimeError):  # a group or coupling outside the exact solution's reach
+        return {}

@@ -23,6 +23,7 @@ from gaugeflow.cli.common import (
 )
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.schema import register
+from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleWriter, read_ensemble
 from gaugeflow.sampling.hmc import HMC
 from gaugeflow.sampling.statistics import gamma_method
@@ -140,7 +141,7 @@ def _report(cfg, theory, summary, n_done, n_therm, seconds, reason, writer) -> N
         f"hmc {theory.name} ({params}) shape={list(theory.lattice.shape)}: {n_done} trajectories after "
         f"{n_therm} thermalization in {seconds:.1f} s" + ("" if reason == "completed" else f" (stopped by {reason})")
     ]
-    exact = _exact_plaquette(theory)
+    exact = reference_values(theory).get("plaquette")
     for name, est in summary.items():
         if name in ("action",):
             continue
@@ -153,15 +154,6 @@ def _report(cfg, theory, summary, n_done, n_therm, seconds, reason, writer) -> N
         lines.append(line)
     lines.append(f"wrote {writer.n} configurations to {writer.path}")
     print("\n".join(lines))
-
-
-def _exact_plaquette(theory) -> float | None:
-    """Exact finite-volume plaquette for 2d Wilson theories, printed for comparison."""
-    if not theory.is_gauge or theory.lattice.ndim != 2 or theory.params.get("c1", 0.0) != 0.0:
-        return None
-    from gaugeflow import exact
-
-    return exact.plaquette(theory.group.name, theory.params["beta"], theory.lattice.volume)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="hmc")

@@ -28,6 +28,7 @@ from gaugeflow.cli.common import CONFIG_DIR, guarded, require, resolve_device, s
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
+from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleWriter
 from gaugeflow.sampling.imh import IndependenceMetropolis, gather_chain
 from gaugeflow.sampling.statistics import gamma_method
@@ -83,7 +84,7 @@ def run_sample(cfg: DictConfig) -> dict:
     model = restore_model(cfg, theory, ck, device, where)
     dtype = training_dtype(ck, where)
     field_dtype = theory.field_dtype(dtype)
-    exact = exact_values(theory)
+    exact = reference_values(theory)
 
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     chain = IndependenceMetropolis(torch.Generator().manual_seed(_imh_seed(int(cfg.seed)))) \
@@ -202,19 +203,6 @@ def _summarise(series, log_w: torch.Tensor, is_chain: bool, exact: dict) -> tupl
     if "log_z" in exact:
         out["log_z_exact"] = exact["log_z"]
     return out, list(obs)
-
-
-def exact_values(theory) -> dict:
-    """Exact finite-volume log Z and plaquette where known (2d Wilson gauge theories), else {}."""
-    if not theory.is_gauge or theory.lattice.ndim != 2 or theory.params.get("c1", 0.0) != 0.0:
-        return {}
-    from gaugeflow import exact
-
-    group, beta, shape = theory.group.name, theory.params["beta"], tuple(theory.lattice.shape)
-    try:
-        return {"log_z": exact.log_z(group, beta, shape), "plaquette": exact.plaquette(group, beta, shape)}
-    except (ValueError, RuntimeError):  # a group or coupling outside the exact solution's reach
-        return {}
 
 
 def _json_safe(obj):

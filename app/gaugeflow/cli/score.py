@@ -28,7 +28,8 @@ from gaugeflow.cli.build import theory_from_config
 from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require, resolve_device
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
-from gaugeflow.cli.sample import exact_values, write_summary
+from gaugeflow.cli.sample import write_summary
+from gaugeflow.exact import reference_values
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.io.provenance import provenance
@@ -91,7 +92,7 @@ def run_score(cfg: DictConfig) -> dict:
     diff = log_p - log_q
     stored_w = _stored_weights(ens)
     est = gamma_method(diff) if stored_w is None else reweighted(diff, stored_w)
-    exact = exact_values(theory)
+    exact = reference_values(theory)
     summary = {"log_p_minus_log_q": {"mean": est.mean, "err": est.err, "tau_int": est.tau_int},
                "n": n, "weighted": stored_w is not None}
     if "log_z" in exact:

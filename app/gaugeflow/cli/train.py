@@ -28,6 +28,7 @@ from gaugeflow.cli.build import model_from_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config
 from gaugeflow.dist.env import LaunchError
+from gaugeflow.exact import reference_values
 from gaugeflow.dist.init import DistConfigError, init_from_config
 from gaugeflow.dist.parallel import Parallel
 from gaugeflow.monitor import build_logger
@@ -384,7 +385,9 @@ def _report(theory, summary, last, par: Parallel) -> None:
                                                else f" (stopped by {summary['stop_reason']})")]
     if "ess" in summary:
         lines.append(f"  ESS (independent draws, n={summary['eval_samples']})  {summary['ess']:.4f}")
-        lines.append(f"  log Z estimate                      {summary['log_z']:.6g} +- {summary['log_z_err']:.2g}")
+        exact = reference_values(theory).get("log_z")
+        lines.append(f"  log Z estimate                      {summary['log_z']:.6g} +- {summary['log_z_err']:.2g}"
+                     + (f"   exact {exact:.6g}" if exact is not None else ""))
     if last:
         lines.append(f"  free-energy bound F_q (last batch)  {last['free_energy']:.6g}")
     lines.append(f"  checkpoint                          {summary['checkpoint']}")
