@@ -163,3 +163,28 @@ def test_multirun_sweep(tmp_path):
     betas = sorted(float(load_checkpoint(tmp_path / "sweep" / str(i)).config.split("beta: ")[1].split()[0])
                    for i in (0, 1))
     assert betas == [1.0, 2.0]
+
+
+def test_sigterm_then_resume_is_bitwise_identical(tmp_path):
+    import signal
+    import time
+
+    args = [*SMALL, "train.steps=400", "train.log_every=1", "train.checkpoint_every=1000"]
+    full = gaugeflow(*args, "hydra.run.dir=full", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen([sys.executable, "-m", "gaugeflow.cli.main", "train", *args, "hydra.run.dir=part"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "part" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # as a batch system does before the kill
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in stdout, stderr
+    stopped = load_checkpoint(tmp_path / "part").step
+    assert 0 < stopped < 400
+    resumed = gaugeflow("resume=part", "hydra.run.dir=ignored", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = weights(tmp_path / "full" / "checkpoints" / "step_00000400.h5")
+    b = weights(tmp_path / "part" / "checkpoints" / "step_00000400.h5")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
