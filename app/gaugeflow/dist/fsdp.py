@@ -52,7 +52,9 @@ __all__ = [
     "allreduce_gradients",
     "apply_activation_checkpointing",
     "clip_grad_norm",
+    "collective_device",
     "is_sharded",
+    "path_gradient_loss",
     "reduce_metrics",
     "shard_flow_model",
 ]
@@ -324,6 +326,33 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
 
 
 # ---------------------------------------------------------------------------------------------
+# a loss that works on sharded models
+
+
+def path_gradient_loss(model, action, batch_size: int, generator: torch.Generator | None = None):
+    """Reverse KL with the path-gradient estimator, written without ``functional_call``.
+
+    The path gradient (Vaitl, Nicoli, Nakajima & Kessel 2206.09016) is the total derivative of
+    ``log q_theta(x_theta) + S(x_theta)`` minus the score ``d/dtheta log q_theta(x)`` at fixed
+    ``x``. ``gaugeflow.train.losses.path_gradient`` gets it by evaluating ``log q`` with
+    detached parameters through ``torch.func.functional_call``; FSDP2 swaps its gathered
+    parameters into the modules in its pre-forward hook, over the detached ones, so that version
+    silently returns the plain reparametrised gradient under FSDP. Here the score is subtracted
+    explicitly: ``loss = mean(log_q + S - log_prob(x.detach()) + log_prob(x.detach()).detach())``,
+    whose value is the free-energy bound and whose gradient is the path gradient. Same cost (one
+    extra inverse pass); works for sharded and plain models alike, equal to
+    ``losses.path_gradient`` up to round-off.
+    """
+    from gaugeflow.train.losses import LossOutput
+
+    x, log_q = model.sample(batch_size, generator)
+    s = action(x)
+    score = model.log_prob(x.detach())
+    loss = (log_q + s - score + score.detach()).mean()
+    return LossOutput(loss, log_q.detach(), s.detach(), x.detach())
+
+
+# ---------------------------------------------------------------------------------------------
 # metrics
 
 
@@ -365,7 +394,7 @@ def reduce_metrics(tensors: Mapping[str, torch.Tensor | float | int], group=None
             scalars[key] = float(value.detach().item() if isinstance(value, torch.Tensor) else value)
     if scalars:
         if distributed:
-            device = _group_device(group)
+            device = collective_device(group)
             vec = torch.tensor(list(scalars.values()), dtype=torch.float64, device=device)
             dist.all_reduce(vec, group=group)
             vec /= dist.get_world_size(group)
@@ -374,8 +403,9 @@ def reduce_metrics(tensors: Mapping[str, torch.Tensor | float | int], group=None
     return {key: out[key] for key in tensors}
 
 
-def _group_device(group) -> torch.device:
-    # nccl/xccl reduce device tensors; gloo (and a mixed "cpu:gloo,cuda:nccl") take CPU tensors
+def collective_device(group=None) -> torch.device:
+    """Where small tensors for collectives of ``group`` must live: the accelerator for
+    nccl/xccl/ccl, the CPU for gloo (and for a mixed ``cpu:gloo,cuda:nccl`` group)."""
     backend = str(dist.get_backend(group))
     if backend in ("nccl", "xccl", "ccl"):
         kind = "cuda" if backend == "nccl" else "xpu"
