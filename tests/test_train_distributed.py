@@ -82,3 +82,30 @@ def test_layout_errors_are_one_line(tmp_path):
         assert rc == 2 and len(lines) == 1 and "dist.lattice_grid" in lines[0], se
     r = launch(2, *SMALL, "hydra.run.dir=bad2", cwd=tmp_path)  # two ranks but dist=none
     assert all(rc == 2 and "dist.strategy=none" in se for rc, _, se in r), r
+
+
+def test_fsdp_sharded_checkpoints_resume_and_sample(tmp_path):
+    args = [*SMALL, "dist=fsdp"]
+    full = launch(2, *args, "hydra.run.dir=full", cwd=tmp_path)
+    assert all(rc == 0 for rc, _, _ in full), [se for _, _, se in full]
+    step_dir = tmp_path / "full" / "checkpoints" / "step_00000008"
+    assert sorted(p.name for p in step_dir.iterdir()) == ["manifest.json", "shard_0.h5", "shard_1.h5"]
+    part = launch(2, *args, "train.stop_after=3", "hydra.run.dir=part", cwd=tmp_path)
+    assert all(rc == 0 for rc, _, _ in part), [se for _, _, se in part]
+    resumed = launch(2, *args, "resume=part", "hydra.run.dir=ignored", cwd=tmp_path)
+    assert all(rc == 0 for rc, _, _ in resumed), [se for _, _, se in resumed]
+    from gaugeflow.io.sharded import export_consolidated
+
+    a = weights(export_consolidated(step_dir, tmp_path / "a.h5"))
+    b = weights(export_consolidated(tmp_path / "part" / "checkpoints" / "step_00000008", tmp_path / "b.h5"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # a single process continues the sharded run (another world size) and samples from it
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "gaugeflow.cli.main", "train", "resume=full", "train.steps=10",
+                          "hydra.run.dir=x"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert load_checkpoint(tmp_path / "full").step == 10  # a single-file checkpoint after the sharded ones
+    s = subprocess.run([sys.executable, "-m", "gaugeflow.cli.main", "sample", f"checkpoint={step_dir}",
+                        "sample.n=64", "out=e.h5", "hydra.run.dir=s"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert s.returncode == 0, s.stderr

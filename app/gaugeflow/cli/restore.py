@@ -44,7 +44,7 @@ def restore_config(cfg: DictConfig, spec, key: str = "checkpoint", *, sections: 
     """
     where = f"{key}={spec}"
     try:
-        ck = load_checkpoint(spec, key, sections=load)
+        ck = load_any_checkpoint(spec, key, sections=load)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     saved = saved_config(ck, where)
@@ -72,6 +72,26 @@ def restore_config(cfg: DictConfig, spec, key: str = "checkpoint", *, sections: 
         if name != trained:
             raise UsageError(f"{where}: checkpoint of theory {trained!r}, not {name!r}")
     return merged, ck
+
+
+def load_any_checkpoint(spec, key: str = "checkpoint", sections: Sequence[str] = SECTIONS) -> Checkpoint:
+    """A single-file checkpoint, or the manifest of a sharded one (``step_*/``, FSDP runs): its
+    step, theory and config; the sharded tensors are read later by :func:`restore_model` or
+    :func:`gaugeflow.io.sharded.load_sharded`."""
+    import json
+
+    from gaugeflow.io.sharded import MANIFEST, resolve_any_checkpoint
+
+    path = resolve_any_checkpoint(spec, key)
+    if not path.is_dir():
+        return load_checkpoint(path, key, sections=sections)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        step = int(manifest["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{key}={path}: unreadable {MANIFEST} ({_first_line(err)})") from None
+    attrs = {"step": step, "theory": str(manifest.get("theory", "")), "config": str(manifest.get("config", ""))}
+    return Checkpoint(path, step, attrs, model={})
 
 
 def saved_config(ck: Checkpoint, where: str = "checkpoint") -> DictConfig:
@@ -102,7 +122,14 @@ def restore_model(cfg: DictConfig, theory, ck: Checkpoint, device: torch.device,
 
     model = model_from_config(cfg, theory, training_dtype(ck, where), device)
     try:
-        model.load_state_dict(ck.model)
+        if ck.path.is_dir():  # sharded: reassemble the full tensors from every shard
+            from gaugeflow.io.sharded import load_sharded
+
+            load_sharded(ck.path, model, key=where.split("=", 1)[0])
+        else:
+            model.load_state_dict(ck.model)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
     except (RuntimeError, KeyError, ValueError) as err:
         raise UsageError(f"{where}: does not fit this model ({_first_line(err)})") from None
     model.eval()
@@ -111,11 +138,18 @@ def restore_model(cfg: DictConfig, theory, ck: Checkpoint, device: torch.device,
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (provenance: which checkpoint or ensemble a result came from)."""
+    """Hex SHA-256 of a file (provenance: which checkpoint or ensemble a result came from); of a
+    sharded checkpoint directory, over its files' names and contents in name order."""
+    import pathlib
+
+    path = pathlib.Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+    for f in sorted(path.iterdir()) if path.is_dir() else [path]:
+        if path.is_dir():
+            h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 

@@ -33,7 +33,9 @@ from gaugeflow.dist.init import DistConfigError, init_from_config
 from gaugeflow.dist.parallel import Parallel
 from gaugeflow.monitor import build_logger
 from gaugeflow.cli.schema import register
-from gaugeflow.io.checkpoint import checkpoint_path, save_checkpoint
+from gaugeflow.dist.fsdp import clip_grad_norm
+from gaugeflow.io.checkpoint import CheckpointError, checkpoint_path, save_checkpoint
+from gaugeflow.io.sharded import load_sharded, save_sharded, sharded_path
 from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
 from gaugeflow.train.losses import LossOutput
 
@@ -96,7 +98,7 @@ def _parallel(cfg: DictConfig) -> Parallel:
     except (DistConfigError, LaunchError) as err:
         raise UsageError(str(err).splitlines()[0]) from None
     try:
-        return Parallel(ctx, cfg.lattice.shape, cfg.dist.lattice_grid)
+        return Parallel(ctx, cfg.lattice.shape, cfg.dist.lattice_grid, str(cfg.dist.strategy).lower())
     except ValueError as err:
         ctx.shutdown()
         raise UsageError(str(err).splitlines()[0]) from None
@@ -151,7 +153,11 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
         torch.manual_seed(int(cfg.seed))
         theory = theory_from_config(cfg, par.local_shape)
         model = model_from_config(cfg, theory, dtype, device)
-        par.broadcast_parameters(model)
+        try:
+            model = par.prepare(model, bool(cfg.dist.activation_checkpointing),
+                                _param_dtype(cfg.dist.param_dtype), bool(cfg.dist.reshard_after_forward))
+        except ValueError as err:
+            raise UsageError(str(err).splitlines()[0]) from None
         loss_fn = instantiate_node(cfg.loss, "loss")
         try:
             loss_fn.bind(theory, device, dtype)
@@ -161,7 +167,18 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
         sched = instantiate_node(cfg.sched, "sched", optimizer=opt, total_steps=t.steps)
         gen = torch.Generator(device=device).manual_seed(par.seed(cfg.seed))
         step = 0
-        if ck is not None:
+        if ck is not None and (ck.path.is_dir() or par.strategy == "fsdp"):
+            # a sharded checkpoint, or a sharded model: each rank reads the parts it holds now
+            try:
+                sc = load_sharded(ck.path, model, opt, key="resume")
+                sched.load_state_dict(sc.sched)
+            except CheckpointError as err:
+                raise UsageError(str(err).splitlines()[0]) from None
+            except (RuntimeError, KeyError, ValueError, TypeError) as err:
+                raise UsageError(f"resume={ck.path}: does not fit this run ({str(err).splitlines()[0]})") from None
+            step = sc.step
+            _restore_rng(gen, sc.rng or {}, par, int(cfg.seed), step, own=True)
+        elif ck is not None:
             try:
                 model.load_state_dict(ck.model)
                 opt.load_state_dict(ck.optim)
@@ -173,10 +190,19 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
         return _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time)
 
 
-def _restore_rng(gen: torch.Generator, rng: dict, par: Parallel, seed: int, step: int) -> None:
-    """This rank's sampling stream from a checkpoint; a rank the checkpoint lacks (more ranks than
-    when it was written) starts a fresh stream keyed by (seed, rank, step)."""
-    key = "sampler" if par.rank == 0 else f"sampler_rank{par.rank}"
+def _param_dtype(name) -> torch.dtype | None:
+    table = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+             "float64": torch.float64}
+    if name not in table:
+        raise UsageError(f"dist.param_dtype must be null, bfloat16, float16, float32 or float64, got {name!r}")
+    return table[name]
+
+
+def _restore_rng(gen: torch.Generator, rng: dict, par: Parallel, seed: int, step: int, own: bool = False) -> None:
+    """This rank's sampling stream from a checkpoint (``own``: ``rng`` holds this rank's states
+    only, as in sharded checkpoints); a rank the checkpoint lacks (more ranks than when it was
+    written) starts a fresh stream keyed by (seed, rank, step)."""
+    key = "sampler" if (own or par.rank == 0) else f"sampler_rank{par.rank}"
     if key in rng:
         gen.set_state(rng[key])
     else:
@@ -191,7 +217,17 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
     action = theory.action
     last_ck = step if cfg.resume else None
 
+    sharded = par.strategy == "fsdp"
+
+    def ck_path(at: int) -> pathlib.Path:
+        return sharded_path(run_dir, at) if sharded else checkpoint_path(run_dir, at)
+
     def checkpoint() -> pathlib.Path:
+        if sharded:  # every rank writes its own shard; rank 0 completes the directory
+            with par.ctx.guard("sharded checkpoint"):
+                return save_sharded(run_dir, step, model, opt, sched_state=sched.state_dict(),
+                                    rng_states_this_rank={"sampler": gen.get_state()}, theory=theory.name,
+                                    config=config_yaml, keep=t.keep)
         states = par.gather_objects(gen.get_state())  # collective: every rank takes part
         path = checkpoint_path(run_dir, step)
         if par.is_main:
@@ -243,7 +279,7 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
             done_here += 1
             dt = time.monotonic() - ts
             if in_a_row >= t.max_nonfinite:
-                good = checkpoint_path(run_dir, last_ck) if last_ck is not None else "none"
+                good = ck_path(last_ck) if last_ck is not None else "none"
                 raise Diverged(f"training stopped at step {step}: {in_a_row} consecutive steps with a non-finite "
                                f"loss or gradient (train.max_nonfinite); last good checkpoint: {good}")
             if step % t.log_every == 0 or step == t.steps:
@@ -262,7 +298,7 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
                 last_ck = step
         if last_ck != step:
             checkpoint()
-        path = checkpoint_path(run_dir, step)
+        path = ck_path(step)
         if fh is not None:
             fh.flush()
         seconds = time.monotonic() - t0
@@ -293,7 +329,7 @@ def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, 
 
     Each chunk's mean loss is weighted by ``micro / batch``, so the sum is the batch mean. A
     non-finite chunk loss ends the step early with a NaN norm (the update is skipped); with
-    several processes its gradients become NaN so that every rank skips the same step.
+    several processes the ranks agree on it before any backward, so they skip the same step.
     """
     opt.zero_grad(set_to_none=True)
     outs = []
@@ -301,7 +337,10 @@ def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, 
     for _ in range(batch // micro):
         out = loss_fn(model, action, micro, gen)
         outs.append(out)
-        if not torch.isfinite(out.loss):
+        bad = not bool(torch.isfinite(out.loss))
+        if par is not None:
+            bad = par.any(bad)  # every rank skips together (a lone backward would wait for the others)
+        if bad:
             finite = False
             break
         # a single chunk is not rescaled, so the default path stays bitwise what it was
@@ -312,15 +351,11 @@ def _accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, 
         action=torch.cat([o.action for o in outs]),
         samples=torch.cat([o.samples for o in outs]) if outs[0].samples is not None else None,
     )
-    if par is not None and par.active:
-        if not finite:
-            for p in model.parameters():
-                p.grad = torch.full_like(p, math.nan)
-        par.reduce_gradients(model.parameters())
-    elif not finite:
+    if not finite:
         return merged, torch.tensor(math.nan)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)
-    return merged, norm
+    if par is not None:
+        par.reduce_gradients(model.parameters())
+    return merged, clip_grad_norm(model.parameters(), clip)
 
 
 def _metrics(step, out, loss_fn, model, theory, par: Parallel, device, seed, batch) -> dict:

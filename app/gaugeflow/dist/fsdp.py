@@ -54,8 +54,8 @@ __all__ = [
     "clip_grad_norm",
     "collective_device",
     "is_sharded",
-    "path_gradient_loss",
     "reduce_metrics",
+    "reshard",
     "shard_flow_model",
 ]
 
@@ -224,7 +224,38 @@ def shard_flow_model(
     for name in MODEL_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
+            if not reshard_after_forward:
+                _reshard_after_no_grad(model, name)
     return model
+
+
+def _reshard_after_no_grad(model: nn.Module, name: str) -> None:
+    # with reshard_after_forward=False FSDP2 keeps the gathered parameters until backward; an
+    # evaluation pass under no_grad has no backward, and the model would stay unsharded (full
+    # memory, and model.parameters() would list the gathered tensors, not the sharded ones)
+    method = getattr(model, name)
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        out = method(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            reshard(model)
+        return out
+
+    setattr(model, name, run)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered parameter of an FSDP2 model (no-op for a plain model).
+
+    Needed only with ``reshard_after_forward=False`` after a forward pass with grad enabled
+    that is not followed by backward; :func:`gaugeflow.io.sharded.save_sharded` calls it.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -323,33 +354,6 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
     norm = torch.nn.utils.clip_grad_norm_(params, limit)
     full = getattr(norm, "full_tensor", None)
     return full() if full is not None else norm
-
-
-# ---------------------------------------------------------------------------------------------
-# a loss that works on sharded models
-
-
-def path_gradient_loss(model, action, batch_size: int, generator: torch.Generator | None = None):
-    """Reverse KL with the path-gradient estimator, written without ``functional_call``.
-
-    The path gradient (Vaitl, Nicoli, Nakajima & Kessel 2206.09016) is the total derivative of
-    ``log q_theta(x_theta) + S(x_theta)`` minus the score ``d/dtheta log q_theta(x)`` at fixed
-    ``x``. ``gaugeflow.train.losses.path_gradient`` gets it by evaluating ``log q`` with
-    detached parameters through ``torch.func.functional_call``; FSDP2 swaps its gathered
-    parameters into the modules in its pre-forward hook, over the detached ones, so that version
-    silently returns the plain reparametrised gradient under FSDP. Here the score is subtracted
-    explicitly: ``loss = mean(log_q + S - log_prob(x.detach()) + log_prob(x.detach()).detach())``,
-    whose value is the free-energy bound and whose gradient is the path gradient. Same cost (one
-    extra inverse pass); works for sharded and plain models alike, equal to
-    ``losses.path_gradient`` up to round-off.
-    """
-    from gaugeflow.train.losses import LossOutput
-
-    x, log_q = model.sample(batch_size, generator)
-    s = action(x)
-    score = model.log_prob(x.detach())
-    loss = (log_q + s - score + score.detach()).mean()
-    return LossOutput(loss, log_q.detach(), s.detach(), x.detach())
 
 
 # ---------------------------------------------------------------------------------------------

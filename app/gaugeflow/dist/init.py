@@ -71,11 +71,14 @@ class PeerFailure(RuntimeError):
 class DistConf:
     """Schema of the ``dist`` config group (conf/dist/none.yaml, conf/dist/ddp.yaml)."""
 
-    strategy: str = "none"  # none | ddp
+    strategy: str = "none"  # none | ddp | fsdp
     backend: Optional[str] = None  # null: from the device (gloo / nccl / xccl)
     timeout_s: float = DEFAULT_TIMEOUT_S
     device: str = "auto"  # auto | cpu | cuda | xpu (each rank takes local_rank modulo the visible devices)
     lattice_grid: Optional[List[int]] = None  # ranks per lattice axis (domain decomposition); null: none
+    activation_checkpointing: bool = False  # recompute each coupling layer's activations in backward
+    param_dtype: Optional[str] = None  # fsdp mixed precision of the networks: bfloat16 | float32 | null
+    reshard_after_forward: bool = True  # fsdp: free gathered parameters after each layer (ZeRO-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,8 +403,8 @@ def init_from_config(conf, *, env: Mapping[str, str] | None = None) -> DistConte
     write the same run directory.
     """
     strategy = str(conf.strategy).lower()
-    if strategy not in ("none", "ddp"):
-        raise DistConfigError(f"dist.strategy must be none or ddp, got {conf.strategy!r}")
+    if strategy not in ("none", "ddp", "fsdp"):
+        raise DistConfigError(f"dist.strategy must be none, ddp or fsdp, got {conf.strategy!r}")
     if strategy == "none":
         info = detect_launch(env)
         if info.is_distributed:

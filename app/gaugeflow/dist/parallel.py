@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from gaugeflow.dist.init import DistContext, rank_seed
 
-STRATEGIES = ("none", "ddp")
+STRATEGIES = ("none", "ddp", "fsdp")
 
 
 class Parallel:
@@ -28,8 +28,12 @@ class Parallel:
         lattice_grid: ranks per lattice axis, or None (every rank holds whole configurations).
     """
 
-    def __init__(self, ctx: DistContext, shape: Sequence[int], lattice_grid: Sequence[int] | None = None):
+    def __init__(self, ctx: DistContext, shape: Sequence[int], lattice_grid: Sequence[int] | None = None,
+                 strategy: str = "ddp"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"dist.strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         self.ctx = ctx
+        self.strategy = strategy if ctx.is_distributed else "none"
         self.rank, self.world = ctx.rank, ctx.world_size
         self.decomp = None
         grid = [int(p) for p in lattice_grid] if lattice_grid else None
@@ -43,6 +47,9 @@ class Parallel:
                 self.decomp = Decomposition(shape, grid)
         elif grid is not None and len(grid) != len(shape):
             raise ValueError(f"dist.lattice_grid={grid} needs one entry per lattice axis {list(shape)}")
+        if self.decomp is not None and self.strategy == "fsdp":
+            raise ValueError("dist.lattice_grid with dist.strategy=fsdp is not supported: use dist=ddp with a "
+                             "lattice grid, or fsdp over whole configurations")
         self.replicas = self.decomp.dp_size if self.decomp else self.world
         self.replica = self.decomp.dp_index if self.decomp else self.rank
         self.local_shape = tuple(self.decomp.local_shape) if self.decomp else tuple(int(s) for s in shape)
@@ -76,6 +83,24 @@ class Parallel:
             raise ValueError(f"{key}={batch} must be a multiple of the {self.replicas} data-parallel replicas")
         return batch // self.replicas
 
+    def prepare(self, model: torch.nn.Module, activation_checkpointing: bool = False,
+                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> torch.nn.Module:
+        """One initialisation on every rank, then FSDP2 sharding (``fsdp``) or activation checkpointing.
+        Build the optimizer afterwards."""
+        self.broadcast_parameters(model)
+        if self.strategy == "fsdp":
+            from gaugeflow.dist.fsdp import shard_flow_model
+
+            return shard_flow_model(model, reshard_after_forward=reshard_after_forward, param_dtype=param_dtype,
+                                    activation_checkpointing=activation_checkpointing)
+        if param_dtype is not None:
+            raise ValueError("dist.param_dtype (mixed precision) needs dist.strategy=fsdp")
+        if activation_checkpointing:
+            from gaugeflow.dist.fsdp import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        return model
+
     # -- collectives ----------------------------------------------------------------------
     def broadcast_parameters(self, module: torch.nn.Module) -> None:
         """Rank 0's initial weights everywhere (they agree already when seeded alike; this makes sure)."""
@@ -88,7 +113,7 @@ class Parallel:
     def reduce_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """Gradients of the global batch mean on every rank (sum over lattice blocks, mean over replicas)."""
         params = [p for p in parameters if p.requires_grad]
-        if not self.active:
+        if not self.active or self.strategy == "fsdp":  # FSDP reduce-scatters in backward
             return
         for p in params:
             if p.grad is None:
@@ -96,15 +121,10 @@ class Parallel:
         with self.ctx.guard("gradient all-reduce"):
             if self.decomp is not None:
                 self.decomp.reduce_gradients(params)
-                return
-            # one flat buffer: a single collective instead of one per tensor
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            flat /= self.world
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+            else:
+                from gaugeflow.dist.fsdp import allreduce_gradients
+
+                allreduce_gradients(params)
 
     def gather_replicas(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample values of every replica's batch, concatenated (replica order)."""

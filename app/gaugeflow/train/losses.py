@@ -30,34 +30,21 @@ def reverse_kl(model, action, batch_size: int, generator: torch.Generator | None
 
 
 
-class _LogProb(torch.nn.Module):
-    """``model.log_prob`` as a module forward, so ``functional_call`` can swap in detached parameters."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.log_prob(x)
-
-
 def path_gradient(model, action, batch_size: int, generator: torch.Generator | None = None) -> LossOutput:
     """Reverse KL with the path-gradient estimator (Vaitl, Nicoli, Nakajima & Kessel 2206.09016).
 
-    The score term of the reparametrised gradient has zero mean; dropping it leaves
-    ``d/d theta [log q_{theta'}(x_theta) + S(x_theta)]`` with ``theta' = theta`` held fixed,
-    whose variance vanishes as q approaches p. ``log q`` is re-evaluated by the inverse
-    pass with detached parameters, so gradients reach the parameters only through x.
+    The path gradient is the total derivative of ``log q_theta(x_theta) + S(x_theta)`` minus the
+    score ``d/dtheta log q_theta(x)`` at fixed ``x``, whose expectation is zero and whose variance
+    does not vanish as q approaches p. The score is subtracted explicitly:
+    ``mean(log q + S - log q(x.detach()) + log q(x.detach()).detach())`` has the free-energy bound
+    as its value and the path gradient as its gradient. One extra inverse pass; it needs no
+    parameter swapping, so it works for FSDP-sharded models too.
     """
-    from torch.func import functional_call
-
-    x, log_q_sample = model.sample(batch_size, generator)
-    state = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
-    state.update({f"model.{k}": v for k, v in model.named_buffers()})
-    log_q = functional_call(_LogProb(model), state, (x,))
+    x, log_q = model.sample(batch_size, generator)
     s = action(x)
-    # the value is the usual free-energy bound: log_q equals log_q_sample up to round-off
-    return LossOutput((log_q + s).mean(), log_q_sample.detach(), s.detach(), x.detach())
+    score = model.log_prob(x.detach())
+    loss = (log_q + s - score + score.detach()).mean()
+    return LossOutput(loss, log_q.detach(), s.detach(), x.detach())
 
 
 def forward_kl(model, data: torch.Tensor, batch_size: int, generator: torch.Generator | None = None) -> LossOutput:
