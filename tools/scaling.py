@@ -46,7 +46,8 @@ class ByteCounter:
     """Bytes this rank passes to torch.distributed, by counting the tensors of each call."""
 
     NAMES = ("isend", "irecv", "send", "recv", "all_reduce", "all_gather", "all_gather_into_tensor",
-             "reduce_scatter_tensor", "broadcast", "batch_isend_irecv")
+             "reduce_scatter_tensor", "all_gather_single", "reduce_scatter_single", "broadcast",
+             "batch_isend_irecv")  # the *_single ones are what FSDP2 calls in torch 2.13
 
     def __init__(self):
         import torch.distributed as dist
@@ -108,18 +109,14 @@ def worker(args) -> dict:
             shape = [s * g for s, g in zip(shape, grid)]
     elif args.mode == "strong":
         batch = args.batch // ranks
-    par = Parallel(ctx, shape, grid)
+    par = Parallel(ctx, shape, grid, "fsdp" if args.strategy == "fsdp" else "ddp")
     counter = ByteCounter() if ctx.is_distributed else None
     theory_cfg = dict(name="su3_4d", kind="gauge", group="su3", dim=d, beta=args.beta)
     with par.physics():
         torch.manual_seed(0)
         theory = build_theory(theory_cfg, par.local_shape)
-        model = build_flow_model(theory, n_layers=args.layers, hidden=tuple(args.hidden))
-        par.broadcast_parameters(model)
-        if args.strategy == "fsdp":
-            from gaugeflow.dist.fsdp import shard_flow_model
-
-            shard_flow_model(model)
+        model = build_flow_model(theory, n_layers=args.layers, hidden=tuple(args.hidden), kernel_size=args.kernel)
+        model = par.prepare(model)  # broadcast; FSDP2 sharding for fsdp
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(rank_seed(0, ctx.rank))
         times, per_step = [], []
@@ -129,15 +126,14 @@ def worker(args) -> dict:
             out = reverse_kl(model, theory.action, batch, gen)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            if args.strategy != "fsdp":
-                par.reduce_gradients(model.parameters())
+            par.reduce_gradients(model.parameters())  # no-op under fsdp (reduce-scatter in backward)
             opt.step()
             if ctx.is_distributed:
                 ctx.barrier()
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 per_step.append((counter.bytes if counter else 0) - before)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in model.parameters())
     ctx.shutdown()
     times.sort()
     return dict(rank=ctx.rank, ranks=ranks, strategy=args.strategy, mode=args.mode, global_shape=shape,
@@ -166,7 +162,7 @@ def launch(args, strategy: str, mode: str, ranks: int) -> list[dict]:
                 env.pop(k)
         cmd = [sys.executable, __file__, "--worker", "--strategy", strategy, "--mode", mode, "--out", out,
                "--shape", *map(str, args.shape), "--batch", str(args.batch), "--layers", str(args.layers),
-               "--hidden", *map(str, args.hidden), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--hidden", *map(str, args.hidden), "--kernel", str(args.kernel), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--beta", str(args.beta)]
         procs.append(subprocess.Popen(cmd, env=env))
         outs.append(out)
@@ -185,6 +181,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", nargs="+", type=int, default=[16])
+    ap.add_argument("--kernel", type=int, default=3, help="context-net kernel: halo depth (kernel - 1) / 2")
     ap.add_argument("--beta", type=float, default=2.0)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
