@@ -198,3 +198,35 @@ def test_u1_density_is_normalised():
     with torch.no_grad():
         w = torch.exp(model.log_prob(u))
     assert abs(w.mean().item() - 1) < 5 * w.std().item() / math.sqrt(w.numel())
+
+
+def test_u1_rectangle_context_is_the_frozen_2x1_loops():
+    """Rectangle phases equal the action's 2x1 loops; a rectangle is frozen exactly when none of
+    its six links is updated by the layer (brute force over sites and links)."""
+    import itertools
+
+    from gaugeflow.flows.masks import gauge_mask_schedule
+    from gaugeflow.flows.u1 import frozen_rectangles, rectangle_phases
+    from gaugeflow.observables.loops import rectangle
+
+    shape = (4, 4, 4)
+    links = torch.polar(torch.ones(2, 3, *shape, 1, 1, dtype=torch.float64),
+                        torch.rand(2, 3, *shape, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 6.3)
+    for rho, sigma in [(0, 1), (1, 0), (2, 1)]:
+        want = torch.angle(rectangle(links, rho, sigma)[..., 0, 0])
+        got = rectangle_phases(links, rho, sigma)
+        assert torch.allclose(torch.remainder(got - want + math.pi, 2 * math.pi) - math.pi, torch.zeros_like(got),
+                              atol=1e-12)
+    for mask in gauge_mask_schedule(shape)[:6]:
+        rects = frozen_rectangles(mask.links, mask.mu)
+        for (rho, sigma), frozen in rects.items():
+            for x in itertools.product(*(range(n) for n in shape)):
+                def site(*steps):
+                    y = list(x)
+                    for axis, n in steps:
+                        y[axis] = (y[axis] + n) % shape[axis]
+                    return tuple(y)
+                loop = [(rho, site()), (rho, site((rho, 1))), (sigma, site((rho, 2))),
+                        (rho, site((rho, 1), (sigma, 1))), (rho, site((sigma, 1))), (sigma, site())]
+                touched = any(direction == mask.mu and bool(mask.links[y]) for direction, y in loop)
+                assert bool(frozen[x]) == (not touched), (mask.mu, rho, sigma, x)

@@ -25,7 +25,8 @@ def model_from_config(cfg: DictConfig, theory, dtype: torch.dtype, device: torch
     m = cfg.model
     try:
         model = build_flow_model(theory, m.kind, m.n_layers, tuple(m.hidden), m.kernel_size, m.activation,
-                                 m.transform, m.n_bins, m.n_mix, m.bound, m.zero_init, dtype)
+                                 m.transform, m.n_bins, m.n_mix, m.bound, m.zero_init, dtype,
+                                 m.rectangles)
     except ValueError as err:
         raise UsageError(str(err)) from None
     return model.to(device)

@@ -90,6 +90,7 @@ class ModelConf:
     n_mix: int = 6
     bound: float = 4.0
     zero_init: bool = False
+    rectangles: bool = True  # U(1): frozen 2x1 loops in the context as well as plaquettes
 
 
 @dataclass

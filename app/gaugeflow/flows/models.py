@@ -41,6 +41,7 @@ def build_flow_model(
     bound: float = 4.0,
     zero_init: bool = False,
     dtype: torch.dtype = torch.float32,
+    rectangles: bool = True,
 ) -> FlowModel:
     """A :class:`FlowModel` for ``theory``; ``zero_init=True`` starts exactly at the identity map.
 
@@ -79,13 +80,13 @@ def build_flow_model(
         raise ValueError(f"model.kind={kind} is for gauge theories; {theory.name} is a scalar theory")
     cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
     schedule = gauge_mask_schedule(shape)
-    n_planes = d * (d - 1) // 2
     if kind == "u1_equivariant":
         if theory.group.N != 1:
             raise ValueError(f"model.kind=u1_equivariant needs a U(1) theory, got {theory.group}")
         ct = CircleTransform(transform, n_bins, n_mix)
         layers = [
-            U1PlaquetteCoupling(schedule[i % len(schedule)], net(2 * n_planes, ct.n_params), ct)
+            U1PlaquetteCoupling(schedule[i % len(schedule)], net(U1PlaquetteCoupling.n_context(d, rectangles),
+                                                                 ct.n_params), ct, rectangles)
             for i in range(n_layers)
         ]
     else:

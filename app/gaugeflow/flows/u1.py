@@ -2,7 +2,8 @@
 
 A layer transforms the phases of its *active* plaquettes ``P_{mu nu}(x)``, x in the
 mask's site set, with an invertible map of the circle whose parameters come from a
-convolutional network that sees only gauge-invariant *frozen* plaquettes (cos, sin).
+convolutional network that sees only gauge-invariant loops the layer leaves unchanged:
+*frozen* plaquettes and, optionally, frozen 2x1 rectangles (cos and sin of their phases).
 The link update ``U_mu(x) -> e^{i (phi' - phi)} U_mu(x)`` realises ``phi -> phi'`` on the
 active plaquette and commutes with gauge transformations, so ``log q`` is gauge
 invariant. With angles as local coordinates (the Haar measure is d theta / 2 pi), the
@@ -58,10 +59,59 @@ class CircleTransform(nn.Module):
         return ncp_mixture(phi, s, weights, inverse=inverse, shift=params[..., 2 * m])
 
 
-class U1PlaquetteCoupling(FlowLayer):
-    """One U(1) gauge-equivariant coupling; ``links`` are complex ``(batch, d, *L, 1, 1)``."""
+def rectangle_phases(links: torch.Tensor, rho: int, sigma: int) -> torch.Tensor:
+    """Phase of the 2x1 loop ``U_rho(x) U_rho(x+rho) U_sigma(x+2rho) U_rho(x+rho+sigma)^* U_rho(x+sigma)^* U_sigma(x)^*``."""
+    u_r, u_s = links[:, rho, ..., 0, 0], links[:, sigma, ..., 0, 0]
+    u_r1 = shift(u_r, rho, 1)
+    top = shift(u_r * u_r1, sigma, 1)  # U_rho(x+sigma) U_rho(x+rho+sigma)
+    loop = u_r * u_r1 * shift(u_s, rho, 2) * (u_s * top).conj()
+    return torch.angle(loop)
 
-    def __init__(self, mask: GaugeMask, net: nn.Module, transform: CircleTransform):
+
+def frozen_rectangles(updated: torch.Tensor, mu: int) -> dict[tuple[int, int], torch.Tensor]:
+    """Sites x whose 2x1 loop ``R_{rho sigma}(x)`` (2 along rho) contains no updated link ``U_mu``.
+
+    ``updated`` is the bool site mask of updated ``U_mu`` links. The masks are periodic with
+    period 2, so rolling them on a decomposed block's local extents (multiples of 2) agrees
+    with the global lattice.
+    """
+    d = updated.dim()
+
+    def at(*steps: tuple[int, int]) -> torch.Tensor:  # updated(x + sum n e_axis)
+        m = updated
+        for axis, n in steps:
+            m = torch.roll(m, -n, axis)
+        return m
+
+    out = {}
+    for rho in range(d):
+        for sigma in range(d):
+            if rho == sigma:
+                continue
+            if rho == mu:  # U_mu at x, x+mu, x+sigma, x+mu+sigma
+                touched = at() | at((mu, 1)) | at((sigma, 1)) | at((mu, 1), (sigma, 1))
+            elif sigma == mu:  # U_mu at x and x+2rho
+                touched = at() | at((rho, 2))
+            else:
+                touched = torch.zeros_like(updated)
+            out[(rho, sigma)] = ~touched
+    return out
+
+
+class U1PlaquetteCoupling(FlowLayer):
+    """One U(1) gauge-equivariant coupling; ``links`` are complex ``(batch, d, *L, 1, 1)``.
+
+    ``rectangles=True`` adds the frozen 2x1 loops of both orientations in every plane to the
+    context (Kanwar et al. 2003.06413 feed frozen plaquettes and 2x1 loops); the network then
+    takes ``2 (n_planes + 2 n_planes)`` input channels (:meth:`n_context`).
+    """
+
+    @staticmethod
+    def n_context(d: int, rectangles: bool) -> int:
+        n_planes = d * (d - 1) // 2
+        return 2 * n_planes + (4 * n_planes if rectangles else 0)
+
+    def __init__(self, mask: GaugeMask, net: nn.Module, transform: CircleTransform, rectangles: bool = False):
         super().__init__()
         self.mu, self.nu = mask.mu, mask.nu
         self.planes = list(mask.frozen)
@@ -71,13 +121,23 @@ class U1PlaquetteCoupling(FlowLayer):
         onehot[mask.mu] = 1.0
         self.register_buffer("direction", onehot, persistent=False)
         self.register_buffer("frozen", torch.stack([mask.frozen[p] for p in self.planes]), persistent=False)
+        self.rectangles = bool(rectangles)
+        if self.rectangles:
+            rects = frozen_rectangles(mask.links, mask.mu)
+            self.rect_types = list(rects)
+            self.register_buffer("frozen_rect", torch.stack([rects[k] for k in self.rect_types]), persistent=False)
         self.net = net
         self.transform = transform
 
     def context(self, links: torch.Tensor) -> torch.Tensor:
-        """cos and sin of frozen plaquettes of every plane, zero elsewhere: ``(batch, 2 n_planes, *L)``."""
-        phases = torch.stack([plaquette_phases(links, r, s) for r, s in self.planes], dim=1)
-        frozen = self.frozen.to(phases.dtype)
+        """cos and sin of the frozen loops, zero elsewhere: ``(batch, n_context, *L)``."""
+        phases = [plaquette_phases(links, r, s) for r, s in self.planes]
+        frozen = self.frozen
+        if self.rectangles:
+            phases += [rectangle_phases(links, r, s) for r, s in self.rect_types]
+            frozen = torch.cat([frozen, self.frozen_rect])
+        phases = torch.stack(phases, dim=1)
+        frozen = frozen.to(phases.dtype)
         return torch.cat([torch.cos(phases) * frozen, torch.sin(phases) * frozen], dim=1)
 
     def _transform(self, links: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
