@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(n, *args, cwd):
+def launch(n, *args, cwd, job="train"):
     """Start ``n`` ranks with torchrun's variables; returns their CompletedProcess-like results."""
     port = str(free_port())
     procs = []
@@ -30,7 +30,7 @@ def launch(n, *args, cwd):
         env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
                "RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(n),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "gaugeflow.cli.main", "train", *args], cwd=cwd, env=env,
+        procs.append(subprocess.Popen([sys.executable, "-m", "gaugeflow.cli.main", job, *args], cwd=cwd, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     out = []
     for p in procs:
@@ -109,3 +109,28 @@ def test_fsdp_sharded_checkpoints_resume_and_sample(tmp_path):
                         "sample.n=64", "out=e.h5", "hydra.run.dir=s"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
     assert s.returncode == 0, s.stderr
+
+
+def test_sampling_on_two_ranks(tmp_path):
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "gaugeflow.cli.main", "train", *SMALL[:-2], "hydra.run.dir=run"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = launch(2, "checkpoint=run", "sample.n=45", "sample.batch_size=8", "dist=ddp", "dist.device=cpu",
+                 "out=e.h5", "hydra.run.dir=s", cwd=tmp_path, job="sample")
+    assert all(rc == 0 for rc, _, _ in out), [se for _, _, se in out]
+    assert "45 IMH steps" in out[0][1] and out[1][1] == ""
+    from gaugeflow.io import read_ensemble
+
+    ens = read_ensemble(tmp_path / "e.h5")
+    assert ens.n_cfg == 45 and ens.fields.shape[1:] == (2, 4, 4, 1, 1)
+    with h5py.File(tmp_path / "e.h5") as f:
+        lq, lp = f["log_q"][()], f["log_p"][()]
+        # the written log p is the action of the written configurations (rank 1's draws included)
+        from gaugeflow.theories import build_theory
+
+        th = build_theory(dict(name="u1_2d", kind="gauge", group="u1", dim=2, beta=float(f.attrs["beta"])), [4, 4])
+        import torch
+
+        assert np.allclose(-th.action(torch.as_tensor(f["links"][()])).numpy(), lp, atol=1e-9)
+        assert np.isfinite(lq).all()

@@ -30,3 +30,21 @@ def model_from_config(cfg: DictConfig, theory, dtype: torch.dtype, device: torch
     except ValueError as err:
         raise UsageError(str(err)) from None
     return model.to(device)
+
+
+def parallel_from_config(cfg: DictConfig):
+    """The process layout from ``cfg.dist`` (:class:`gaugeflow.dist.parallel.Parallel`); launch and
+    layout errors are one-line usage errors. Call ``.ctx.shutdown()`` when done."""
+    from gaugeflow.dist.env import LaunchError
+    from gaugeflow.dist.init import DistConfigError, init_from_config
+    from gaugeflow.dist.parallel import Parallel
+
+    try:
+        ctx = init_from_config(cfg.dist)
+    except (DistConfigError, LaunchError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    try:
+        return Parallel(ctx, cfg.lattice.shape, cfg.dist.get("lattice_grid"), str(cfg.dist.strategy).lower())
+    except ValueError as err:
+        ctx.shutdown()
+        raise UsageError(str(err).splitlines()[0]) from None

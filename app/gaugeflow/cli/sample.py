@@ -8,6 +8,7 @@ draws for importance weighting with ``w = exp(log p - log q)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,11 +24,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from gaugeflow.cli.build import theory_from_config
+from gaugeflow.cli.build import parallel_from_config, theory_from_config
 from gaugeflow.cli.common import CONFIG_DIR, guarded, require, resolve_device, stop_on_sigterm
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
+from gaugeflow.dist.init import DistConf
 from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleWriter
 from gaugeflow.sampling.imh import IndependenceMetropolis, gather_chain
@@ -56,6 +58,7 @@ class SampleJob:
     seed: int = 0
     device: str = "cpu"
     out: str = MISSING
+    dist: DistConf = field(default_factory=DistConf)
 
 
 def register() -> None:
@@ -77,16 +80,31 @@ def run_sample(cfg: DictConfig) -> dict:
     require(s.method in METHODS, f"sample.method must be imh or reweight, got {s.method!r}")
     require(s.n >= 1, f"sample.n must be >= 1, got {s.n}")
     require(s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}")
-    device = resolve_device(cfg.device)
+    if cfg.dist.strategy == "none":
+        resolve_device(cfg.device)  # a clear error for an absent cuda/xpu
     where = f"checkpoint={cfg.checkpoint}"
     cfg, ck = restore_config(cfg, cfg.checkpoint, "checkpoint", load=("model",))
+    require(cfg.dist.strategy in ("none", "ddp"), f"sample: dist.strategy must be none or ddp, got {cfg.dist.strategy!r}")
+    require(not cfg.dist.lattice_grid, "sample: dist.lattice_grid is not supported (whole configurations per rank)")
+    par = parallel_from_config(cfg)
+    try:
+        return _sample(cfg, ck, where, par)
+    finally:
+        par.ctx.shutdown()
+
+
+def _sample(cfg: DictConfig, ck, where: str, par) -> dict:
+    """Every rank draws its share of each batch from its own stream; rank 0 gathers the proposals
+    (rank order), runs the chain and writes the file."""
+    s = cfg.sample
+    device = par.ctx.device
     theory = theory_from_config(cfg)
     model = restore_model(cfg, theory, ck, device, where)
     dtype = training_dtype(ck, where)
     field_dtype = theory.field_dtype(dtype)
     exact = reference_values(theory)
 
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    gen = torch.Generator(device=device).manual_seed(par.seed(int(cfg.seed)))
     chain = IndependenceMetropolis(torch.Generator().manual_seed(_imh_seed(int(cfg.seed)))) \
         if s.method == "imh" else None
     attrs = theory.attributes()
@@ -106,17 +124,26 @@ def run_sample(cfg: DictConfig) -> dict:
     carried: dict[str, torch.Tensor] | None = None
     done, reason = 0, "completed"
     t0 = time.monotonic()
-    show = bool(s.progress) and sys.stdout.isatty()
+    show = bool(s.progress) and sys.stdout.isatty() and par.is_main
     running = _RunningESS()
-    writer = EnsembleWriter(cfg.out, field_name, theory.field_shape(1)[1:], field_dtype, attrs)
+    world = par.world if par.active else 1
+    writer = EnsembleWriter(cfg.out, field_name, theory.field_shape(1)[1:], field_dtype, attrs) if par.is_main \
+        else contextlib.nullcontext()
     with writer, stop_on_sigterm() as sigterm, progress_bar(show, math.ceil(n / bs), "sample") as bar, \
             torch.no_grad():
         while done < n:
-            if sigterm():
+            if par.any(sigterm()):
                 reason = "SIGTERM"
                 break
-            b = min(bs, n - done)
-            x, log_q = model.sample(b, gen)
+            mine = min(bs, -(-(n - done) // world))  # this rank's share of the step
+            b = min(mine * world, n - done)
+            x, log_q = model.sample(mine, gen)
+            if par.active:  # the proposals of every rank, in rank order, trimmed to what is left
+                x = par.gather_replicas(x)[:b]
+                log_q = par.gather_replicas(log_q)[:b]
+                if not par.is_main:
+                    done += b
+                    continue
             # weights and observables in float64 on the configurations as drawn
             x64 = x.to(theory.field_dtype(torch.float64))
             action = theory.action(x64).double()
@@ -145,6 +172,8 @@ def run_sample(cfg: DictConfig) -> dict:
                 running.add(log_w)
                 bar.advance(f"ess={running.ess:.3f}" + ("" if chain is None else f" acc={chain.acceptance:.2f}"))
         seconds = time.monotonic() - t0
+        if not par.is_main:
+            return {}
         log_w = torch.cat(log_w_parts) if log_w_parts else torch.empty(0, dtype=torch.float64)
         summary, names = _summarise(series, log_w, chain is not None, exact)
         writer.set_attrs(n_proposals=done, stop_reason=reason, seconds=seconds, ess=summary["ess"],

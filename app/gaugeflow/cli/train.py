@@ -24,12 +24,10 @@ from gaugeflow.cli.common import (
     resolve_dtype,
     stop_on_sigterm,
 )
-from gaugeflow.cli.build import model_from_config, theory_from_config
+from gaugeflow.cli.build import model_from_config, parallel_from_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config
-from gaugeflow.dist.env import LaunchError
 from gaugeflow.exact import reference_values
-from gaugeflow.dist.init import DistConfigError, init_from_config
 from gaugeflow.dist.parallel import Parallel
 from gaugeflow.monitor import build_logger
 from gaugeflow.cli.schema import register
@@ -91,19 +89,6 @@ class Diverged(RuntimeError):
     """Too many consecutive non-finite steps: the run stops, its last good checkpoint intact."""
 
 
-def _parallel(cfg: DictConfig) -> Parallel:
-    """The process layout from ``cfg.dist``; launch and layout errors are one-line usage errors."""
-    try:
-        ctx = init_from_config(cfg.dist)
-    except (DistConfigError, LaunchError) as err:
-        raise UsageError(str(err).splitlines()[0]) from None
-    try:
-        return Parallel(ctx, cfg.lattice.shape, cfg.dist.lattice_grid, str(cfg.dist.strategy).lower())
-    except ValueError as err:
-        ctx.shutdown()
-        raise UsageError(str(err).splitlines()[0]) from None
-
-
 #: what ``resume=`` takes from the checkpoint's config (command-line overrides apply on top)
 RESUMED = ("theory", "model", "lattice", "train", "loss", "optim", "sched")
 #: budgets of one invocation, never inherited from the run being resumed
@@ -124,7 +109,7 @@ def run_train(cfg: DictConfig) -> dict:
     dtype = resolve_dtype(t.dtype, "train.dtype")
     if cfg.dist.strategy == "none":
         resolve_device(cfg.device)  # a clear error for an absent cuda/xpu before anything starts
-    par = _parallel(cfg)
+    par = parallel_from_config(cfg)
     try:
         return _train(cfg, ck, par, max_time, dtype)
     finally:

@@ -131,10 +131,16 @@ class Parallel:
         if not self.active or self.replicas == 1:
             return t
         group = self.decomp.dp_group if self.decomp is not None else None
-        parts = [torch.empty_like(t) for _ in range(self.replicas)]
-        with self.ctx.guard("metrics all-gather"):
-            dist.all_gather(parts, t.contiguous(), group=group)
-        return torch.cat(parts)
+        wire = torch.view_as_real(t.contiguous()) if t.is_complex() else t.contiguous()
+        if wire.dtype == torch.bool:
+            wire = wire.to(torch.uint8)
+        parts = [torch.empty_like(wire) for _ in range(self.replicas)]
+        with self.ctx.guard("all-gather"):
+            dist.all_gather(parts, wire, group=group)
+        out = torch.cat(parts)
+        if t.is_complex():
+            return torch.view_as_complex(out)
+        return out.to(t.dtype)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (stop decisions must agree)."""
