@@ -97,7 +97,11 @@ def test_fsdp_sharded_checkpoints_resume_and_sample(tmp_path):
     from gaugeflow.io.sharded import export_consolidated
 
     a = weights(export_consolidated(step_dir, tmp_path / "a.h5"))
-    b = weights(export_consolidated(tmp_path / "part" / "checkpoints" / "step_00000008", tmp_path / "b.h5"))
+    tool = subprocess.run([sys.executable, "tools/consolidate.py", str(tmp_path / "part"), "-o", str(tmp_path / "b.h5")],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                          text=True, timeout=120)
+    assert tool.returncode == 0, tool.stderr
+    b = weights(tmp_path / "b.h5")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # a single process continues the sharded run (another world size) and samples from it
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
