@@ -349,7 +349,7 @@ def test_config_strategy_none_refuses_a_multi_rank_launch():
         init_from_config(conf, env=env)
     assert init_from_config(conf, env={}).backend is None
     with pytest.raises(DistConfigError, match="strategy"):
-        init_from_config(OmegaConf.structured(DistConf(strategy="fsdp")), env={})
+        init_from_config(OmegaConf.structured(DistConf(strategy="zero3")), env={})
     with pytest.raises(DistConfigError, match="timeout_s"):
         init_distributed("cpu", timeout_s=0, env={})
 

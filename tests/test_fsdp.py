@@ -368,13 +368,16 @@ def test_two_ranks_fsdp_ddp_and_sharded_checkpoint(two_rank_run):
     assert manifest["config"] == CONFIG and manifest["gaugeflow_version"]
     assert sorted(p.name for p in step_dir.iterdir()) == ["manifest.json", "shard_0.h5", "shard_1.h5"]
     w = manifest["tensors"]["model/flow.layers.0.net.net.0.weight"]
-    assert w["placements"] == ["Shard(0)"] and w["shape"] == [HIDDEN[0], 2, 3, 3]
+    from gaugeflow.flows.u1 import U1PlaquetteCoupling
+
+    n_in = U1PlaquetteCoupling.n_context(2, rectangles=True)  # cos, sin of frozen plaquettes and 2x1 loops
+    assert w["placements"] == ["Shard(0)"] and w["shape"] == [HIDDEN[0], n_in, 3, 3]
     assert [(s["rank"], s["offset"][0], s["shape"][0]) for s in w["shards"]] == [(0, 0, 3), (1, 3, 3)]
     step_entry = manifest["tensors"]["optim/flow.layers.0.net.net.0.weight/step"]
     assert step_entry["shape"] == [] and [s["rank"] for s in step_entry["shards"]] == [0]
     # each rank's file holds only its half: no rank gathered the model
     with h5py.File(step_dir / "shard_1.h5", "r") as f:
-        assert f["tensors/model/flow.layers.0.net.net.0.weight"].shape == (3, 2, 3, 3)
+        assert f["tensors/model/flow.layers.0.net.net.0.weight"].shape == (3, n_in, 3, 3)
         assert "meta" not in f and f.attrs["save_id"] == manifest["save_id"]
 
     # world size 1: a plain model and optimizer, loaded in this process

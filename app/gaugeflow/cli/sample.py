@@ -88,7 +88,9 @@ def run_sample(cfg: DictConfig) -> dict:
     require(not cfg.dist.lattice_grid, "sample: dist.lattice_grid is not supported (whole configurations per rank)")
     par = parallel_from_config(cfg)
     try:
-        return _sample(cfg, ck, where, par)
+        summary = _sample(cfg, ck, where, par)
+        par.barrier()  # no rank tears the process group down while a peer still talks to it
+        return summary
     finally:
         par.ctx.shutdown()
 

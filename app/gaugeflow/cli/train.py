@@ -111,7 +111,9 @@ def run_train(cfg: DictConfig) -> dict:
         resolve_device(cfg.device)  # a clear error for an absent cuda/xpu before anything starts
     par = parallel_from_config(cfg)
     try:
-        return _train(cfg, ck, par, max_time, dtype)
+        summary = _train(cfg, ck, par, max_time, dtype)
+        par.barrier()  # no rank tears the process group down while a peer still talks to it
+        return summary
     finally:
         par.ctx.shutdown()
 

@@ -55,6 +55,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from gaugeflow.dist.wire import from_wire, to_wire
 from gaugeflow.lattice import geometry
 
 __all__ = ["Decomposition", "decomposed", "grid_layout"]
@@ -102,24 +103,6 @@ def grid_layout(
     return coords, local, origin
 
 
-def _wire(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous real/integer view to send: gloo moves neither complex nor bool tensors."""
-    t = t.contiguous()
-    if t.is_complex():
-        return torch.view_as_real(t)
-    if t.dtype == torch.bool:
-        return t.view(torch.uint8)
-    return t
-
-
-def _unwire(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if like.is_complex():
-        return torch.view_as_complex(buf)
-    if like.dtype == torch.bool:
-        return buf.view(torch.bool)
-    return buf
-
-
 class _Fetch(torch.autograd.Function):
     """``out[i]`` on the block at grid coordinate ``c`` is ``slabs[i]`` of the block at ``c + qs[i]``
     along ``axis`` (periodic in the grid): every rank sends its slab i to the block ``qs[i]``
@@ -145,7 +128,7 @@ class _SiteAllReduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, partial, group):
         out = partial.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(_wire(out), group=group)
+        dist.all_reduce(to_wire(out), group=group)
         return out
 
     @staticmethod
@@ -239,7 +222,7 @@ class Decomposition:
     # -- communication ----------------------------------------------------------------------
     def _exchange(self, axis: int, qs: Sequence[int], slabs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Send ``slabs[i]`` to the block ``qs[i]`` behind, receive the one ``qs[i]`` ahead: all at once."""
-        sends = [_wire(s) for s in slabs]
+        sends = [to_wire(s) for s in slabs]
         recvs = [torch.empty_like(b) for b in sends]
         reqs = []
         for tag, (q, sb, rb) in enumerate(zip(qs, sends, recvs)):
@@ -249,7 +232,7 @@ class Decomposition:
             reqs.append(dist.irecv(rb, group=self.group, group_src=self._peer(axis, q), tag=tag))
         for r in reqs:
             r.wait()
-        return [_unwire(rb, s) for rb, s in zip(recvs, slabs)]
+        return [from_wire(rb, s.dtype) for rb, s in zip(recvs, slabs)]
 
     def window(self, field: torch.Tensor, axis: int, dim: int, start: int, length: int) -> torch.Tensor:
         """Sites ``origin + start .. origin + start + length - 1`` (global, periodic) of lattice axis
@@ -306,7 +289,7 @@ class Decomposition:
         """The whole field on every rank of the lattice group from each rank's ``block``."""
         if self.lattice_size == 1:
             return block.detach().clone()
-        wire = _wire(block.detach())
+        wire = to_wire(block.detach())
         bufs = [torch.empty_like(wire) for _ in range(self.lattice_size)]
         dist.all_gather(bufs, wire, group=self.group)
         d = len(self.global_shape)
@@ -318,7 +301,7 @@ class Decomposition:
             view = out
             for mu, (o, n) in enumerate(zip(origin, self.local_shape)):
                 view = view.narrow(lead + mu, o, n)
-            view.copy_(_unwire(b, block))
+            view.copy_(from_wire(b, block.dtype))
         return out
 
     # -- parameters -------------------------------------------------------------------------
@@ -333,7 +316,7 @@ class Decomposition:
         if not grads or dist.get_world_size() == 1:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(_wire(flat))
+        dist.all_reduce(to_wire(flat))
         if self.dp_size > 1:
             flat /= self.dp_size
         offset = 0
@@ -345,10 +328,10 @@ class Decomposition:
         """Copy parameters and buffers of global rank ``src`` to every rank (one initialisation)."""
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
-                buf = _wire(t.data)  # a view of t when t is contiguous, else a copy written back
+                buf = to_wire(t.data)  # a view of t when t is contiguous, else a copy written back
                 dist.broadcast(buf, src)
                 if not t.data.is_contiguous():
-                    t.data.copy_(_unwire(buf, t.data))
+                    t.data.copy_(from_wire(buf, t.dtype))
 
 
 class _DomainHooks:

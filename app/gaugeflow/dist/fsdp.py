@@ -48,6 +48,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from gaugeflow.dist.wire import from_wire, to_wire
+
 __all__ = [
     "allreduce_gradients",
     "apply_activation_checkpointing",
@@ -269,23 +271,6 @@ def is_sharded(model: nn.Module) -> bool:
 # plain data parallel
 
 
-def _wire(t: torch.Tensor) -> torch.Tensor:
-    # gloo moves neither complex nor bool tensors
-    if t.is_complex():
-        return torch.view_as_real(t)
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8)
-    return t
-
-
-def _unwire(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype.is_complex:
-        return torch.view_as_complex(t)
-    if dtype == torch.bool:
-        return t.to(torch.bool)
-    return t
-
-
 def allreduce_gradients(params: Iterable[torch.Tensor], group=None, bucket_mb: float = 25.0) -> None:
     """Average the gradients of ``params`` over the ranks of ``group`` (the ``ddp`` strategy).
 
@@ -327,7 +312,7 @@ def allreduce_gradients(params: Iterable[torch.Tensor], group=None, bucket_mb: f
             buckets.append(bucket)
     flats, works = [], []
     for bucket in buckets:
-        flat = torch.cat([_wire(g.detach()).reshape(-1) for g in bucket])
+        flat = torch.cat([to_wire(g.detach()).reshape(-1) for g in bucket])
         flats.append(flat)
         works.append(dist.all_reduce(flat, group=group, async_op=True))
     for bucket, flat, work in zip(buckets, flats, works):
@@ -363,7 +348,7 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float | None) -> to
 def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
     """All ranks' ``t`` concatenated along dim 0 in rank order (the sizes may differ)."""
     world = dist.get_world_size(group)
-    wire = _wire(t.detach().contiguous())
+    wire = to_wire(t.detach().contiguous())
     n = torch.tensor([wire.shape[0]], dtype=torch.int64, device=wire.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n, group=group)
@@ -374,7 +359,7 @@ def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
         wire = torch.cat([wire, pad])
     parts = [torch.empty_like(wire) for _ in range(world)]
     dist.all_gather(parts, wire, group=group)
-    return _unwire(torch.cat([p[:s] for p, s in zip(parts, sizes)]), t.dtype)
+    return from_wire(torch.cat([p[:s] for p, s in zip(parts, sizes)]), t.dtype)
 
 
 def reduce_metrics(tensors: Mapping[str, torch.Tensor | float | int], group=None) -> dict:

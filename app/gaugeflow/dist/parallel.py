@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gaugeflow.dist.init import DistContext, rank_seed
+from gaugeflow.dist.wire import from_wire, to_wire
 
 STRATEGIES = ("none", "ddp", "fsdp")
 
@@ -131,16 +132,11 @@ class Parallel:
         if not self.active or self.replicas == 1:
             return t
         group = self.decomp.dp_group if self.decomp is not None else None
-        wire = torch.view_as_real(t.contiguous()) if t.is_complex() else t.contiguous()
-        if wire.dtype == torch.bool:
-            wire = wire.to(torch.uint8)
+        wire = to_wire(t)
         parts = [torch.empty_like(wire) for _ in range(self.replicas)]
         with self.ctx.guard("all-gather"):
             dist.all_gather(parts, wire, group=group)
-        out = torch.cat(parts)
-        if t.is_complex():
-            return torch.view_as_complex(out)
-        return out.to(t.dtype)
+        return from_wire(torch.cat(parts), t.dtype)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (stop decisions must agree)."""

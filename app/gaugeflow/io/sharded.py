@@ -458,7 +458,7 @@ def resolve_any_checkpoint(spec: str | os.PathLike, key: str = "checkpoint") -> 
         if not found:
             raise CheckpointError(f"{key}={p}: run directory holds no checkpoints/step_*.h5 or checkpoints/step_*/")
         return found[-1]
-    raise CheckpointError(f"{key}={p}: no such checkpoint file or directory")
+    raise CheckpointError(f"{key}={p}: no such checkpoint file or run directory")
 
 
 # ---------------------------------------------------------------------------------------------
