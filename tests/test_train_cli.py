@@ -94,10 +94,9 @@ def test_forward_kl_from_an_hmc_ensemble(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     # the loss is E_p[-log q]; ESS and F_q come from fresh draws of q
     assert all(np.isfinite(float(row[k])) for row in rows for k in ("loss", "ess", "free_energy", "plaquette"))
-    for args, needle in [(["loss.ensemble=nowhere.h5"], "nowhere.h5"),
-                         (["loss.ensemble=ens.h5", "lattice.shape=[4,6]"], "lattice shape [4, 4], not [4, 6]"),
-                         (["loss.ensemble=ens.h5", "lattice.shape=[4,4]", "theory.beta=1.5"], "ensemble has beta=1.0"),
-                         (["loss.ensemble=ens.h5", "theory=su2_2d", "lattice.shape=[4,4]"], "theory 'u1_2d'")]:
+    # (a missing file and another theory are the reader's and the shape check's errors, tested elsewhere)
+    for args, needle in [(["loss.ensemble=ens.h5", "lattice.shape=[4,6]"], "lattice shape [4, 4], not [4, 6]"),
+                         (["loss.ensemble=ens.h5", "lattice.shape=[4,4]", "theory.beta=1.5"], "ensemble has beta=1.0")]:
         bad = gaugeflow(*SMALL, "loss=forward_kl", *args, "hydra.run.dir=bad", cwd=tmp_path)
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, bad.stderr)
