@@ -60,7 +60,8 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 def test_bad_input(tmp_path):
     for args, needle in [(["train.steps=0"], "train.steps"), (["loss=forward_kl"], "loss.ensemble"),
-                         (["resume=nowhere.h5"], "resume=nowhere.h5"), (["model.kind=affine"], "model.kind=affine")]:
+                         (["resume=nowhere.h5"], "resume=nowhere.h5"), (["model.kind=affine"], "model.kind=affine"),
+                         (["sched.horizon=time"], "sched.horizon=time"), (["sched.horizon=walltime"], "sched.horizon")]:
         r = gaugeflow(*args, "hydra.run.dir=run", cwd=tmp_path)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, r.stderr)
@@ -81,6 +82,17 @@ def test_optimizer_schedule_and_accumulation_from_the_command_line(tmp_path):
     assert lrs[2] == 0.01 and lrs[6] == 0.005 and lrs[10] == 0.0025
     with h5py.File(load_checkpoint(tmp_path / "run").path) as f:
         assert "momentum_buffer" in str(list(f["optim"]["state"]["0"]))
+
+
+def test_time_horizon_decays_the_cosine_within_max_time(tmp_path):
+    # train.steps far beyond the budget: the cosine is planned for the steps that fit in
+    # train.max_time, so the lr has decayed to near zero when the budget ends
+    r = gaugeflow(*SMALL, "train.steps=1000000", "train.max_time=4", "sched.horizon=time", "train.log_every=1",
+                  "hydra.run.dir=run", cwd=tmp_path)
+    assert r.returncode == 0 and "stopped by train.max_time" in r.stdout, r.stderr
+    lrs = [float(row["lr"]) for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
+    assert len(lrs) > 10 and lrs[0] == pytest.approx(5e-3, rel=1e-3)
+    assert all(b <= a for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] < 0.1 * lrs[0]
 
 
 def test_forward_kl_from_an_hmc_ensemble(tmp_path):

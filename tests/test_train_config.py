@@ -178,3 +178,31 @@ def test_forward_kl_fits_a_known_gaussian():
         final = -model.log_prob(loss.data).mean().item()
     # -log q at q = p has variance 4 * 1/2 per sample: 4 sigma of the n-sample mean
     assert first > exact + 0.5 and abs(final - exact) < 4 * math.sqrt(2 / n)
+
+
+def test_time_horizon_replans_the_cosine_and_survives_a_round_trip():
+    # planned for 10**6 steps, re-planned to 20 after 4: the rest of the curve is the cosine
+    # of a 20-step plan, and a schedule restored from the state keeps the last plan
+    opt = torch.optim.SGD(params(), lr=1.0)
+    s = schedules.Cosine(opt, 10**6, horizon="time")
+    for _ in range(4):
+        opt.step()
+        s.step()
+    s.plan(20)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 20)))
+    state = s.state_dict()
+    opt2 = torch.optim.SGD(params(), lr=1.0)
+    s2 = schedules.Cosine(opt2, 10**6, horizon="time")
+    s2.load_state_dict(state)
+    for k in range(5, 21):
+        opt.step()
+        s.step()
+        s2.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * min(k, 20) / 20)), abs=1e-12)
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    # a plan never ends inside the warm-up
+    w = schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 100, warmup_steps=10, horizon="time")
+    w.plan(3)
+    assert w.total == 11
+    with pytest.raises(ValueError, match="sched.horizon must be one of"):
+        schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 10, horizon="walltime")

@@ -40,7 +40,8 @@ def make(args):
     theory = build_theory(cfg, args.shape)
     dtype = torch.float64 if args.float64 else torch.float32
     model = build_flow_model(theory, n_layers=args.layers, hidden=tuple(args.hidden), kernel_size=args.kernel,
-                             n_bins=args.bins, dtype=dtype)
+                             n_bins=args.bins, transform=args.transform, n_mix=args.n_mix,
+                             rectangles=not args.no_rectangles, dtype=dtype)
     return theory, model
 
 
@@ -123,6 +124,9 @@ def main():
     p.add_argument("--hidden", type=int, nargs="*", default=[32, 32])
     p.add_argument("--kernel", type=int, default=3)
     p.add_argument("--bins", type=int, default=8)
+    p.add_argument("--transform", default="spline", choices=["spline", "ncp"], help="U(1) circle map")
+    p.add_argument("--n-mix", type=int, default=6, help="NCP mixture components")
+    p.add_argument("--no-rectangles", action="store_true", help="U(1): frozen plaquettes only in the context")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--loss", default="reverse_kl", choices=["reverse_kl", "path_gradient"])

@@ -106,6 +106,8 @@ def run_train(cfg: DictConfig) -> dict:
     _check(cfg)
     t = cfg.train
     max_time = parse_duration(t.max_time, "train.max_time")
+    require(cfg.sched.get("horizon", "steps") != "time" or max_time is not None,
+            "sched.horizon=time plans the schedule for train.max_time: give train.max_time")
     dtype = resolve_dtype(t.dtype, "train.dtype")
     if cfg.dist.strategy == "none":
         resolve_device(cfg.device)  # a clear error for an absent cuda/xpu before anything starts
@@ -261,9 +263,15 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
                 # a non-finite loss or gradient: skip the update, keep the schedule on time
                 skipped += 1
                 in_a_row += 1
-            sched.step(out.loss.item())
             step += 1
             done_here += 1
+            if sched.horizon == "time" and done_here >= 3:
+                # plan for the steps that fit in what is left of the budget at the rate so far
+                # (logging and checkpoints included); the first steps' rate is start-up noise
+                spent = time.monotonic() - t0
+                fit = step + int(max(0.0, max_time - spent) * done_here / spent)
+                sched.plan(min(t.steps, fit))
+            sched.step(out.loss.item())
             dt = time.monotonic() - ts
             if in_a_row >= t.max_nonfinite:
                 good = ck_path(last_ck) if last_ck is not None else "none"

@@ -116,6 +116,9 @@ class U1PlaquetteCoupling(FlowLayer):
         self.mu, self.nu = mask.mu, mask.nu
         self.planes = list(mask.frozen)
         self.register_buffer("link_mask", mask.links.clone(), persistent=False)
+        # flat indices of the updated sites: the circle map runs on these only (1/4 of the
+        # sites in 2d, 1/8 in d > 2), the rest of the lattice keeps its phases
+        self.register_buffer("active", mask.links.flatten().nonzero().squeeze(1), persistent=False)
         d = mask.links.dim()
         onehot = torch.zeros((d,) + (1,) * d)
         onehot[mask.mu] = 1.0
@@ -141,16 +144,20 @@ class U1PlaquetteCoupling(FlowLayer):
         return torch.cat([torch.cos(phases) * frozen, torch.sin(phases) * frozen], dim=1)
 
     def _transform(self, links: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.net(self.context(links)).movedim(1, -1)
-        phi = torch.remainder(plaquette_phases(links, self.mu, self.nu), TWO_PI)
-        new_phi, logj = self.transform(phi, params, inverse=inverse)
-        mask = self.link_mask.to(phi.dtype)
+        batch, sites = links.shape[0], links.shape[2:-2]
+        params = self.net(self.context(links)).flatten(2).index_select(2, self.active).transpose(1, 2)
+        phi = torch.remainder(plaquette_phases(links, self.mu, self.nu), TWO_PI).flatten(1)
+        phi_a = phi.index_select(1, self.active)
+        new_phi, logj = self.transform(phi_a, params.contiguous(), inverse=inverse)
+        # scatter back onto the lattice: zero rotation and zero log-Jacobian off the active sites
+        zeros = phi.new_zeros(batch, phi.shape[1])
+        rot = zeros.index_copy(1, self.active, new_phi - phi_a).reshape(batch, *sites)
+        logj = zeros.index_copy(1, self.active, logj).reshape(batch, *sites)
         # the rotation of every link, zero off direction mu: a broadcast product instead
         # of slicing and concatenating the link tensor (whose backward zero-fills it)
-        delta = ((new_phi - phi) * mask).unsqueeze(1) * self.direction.to(phi.dtype)
+        delta = rot.unsqueeze(1) * self.direction.to(phi.dtype)
         out = links * torch.polar(torch.ones_like(delta), delta)[..., None, None]
-        sites = tuple(range(1, logj.dim()))
-        return out, site_sum(logj * mask, sites)
+        return out, site_sum(logj, tuple(range(1, logj.dim())))
 
     def forward(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._transform(links, inverse=False)

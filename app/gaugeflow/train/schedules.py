@@ -3,6 +3,12 @@
 Each is built from the ``sched`` config group (``_target_`` names a class here) and wraps
 torch's schedulers, so its state is a plain state dict that checkpoints store. ``step(loss)``
 is called once per optimizer step; only the on-plateau schedule uses the loss.
+
+``horizon="time"`` plans the schedule for the steps that fit in the wall-clock budget
+(``train.max_time``) instead: the trainer re-plans with :meth:`Schedule.plan` after every
+step from the measured time per step, so a cosine decays to ``min_lr`` when the budget ends
+(budgeted training, Li, Yumer & Ramanan, arXiv:1905.04753). The last plan is part of the
+state, so a resumed run continues from it.
 """
 
 from __future__ import annotations
@@ -15,14 +21,30 @@ import torch
 class Schedule:
     """Base: a multiplicative factor of the base lr per step, with ``warmup_steps`` of linear ramp."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+    HORIZONS = ("steps", "time")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 horizon: str = "steps"):
         if warmup_steps < 0:
             raise ValueError(f"sched.warmup_steps must be >= 0, got {warmup_steps}")
         if warmup_steps >= total_steps and warmup_steps > 0:
             raise ValueError(f"sched.warmup_steps={warmup_steps} must be below train.steps={total_steps}")
+        if horizon not in self.HORIZONS:
+            raise ValueError(f"sched.horizon must be one of {list(self.HORIZONS)}, got {horizon!r}")
         self.total = int(total_steps)
         self.warmup = int(warmup_steps)
+        self.horizon = horizon
         self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self._factor)
+
+    def plan(self, total_steps: int) -> None:
+        """Re-plan the schedule to end after ``total_steps`` steps (never inside the warm-up).
+
+        The lr of the next step follows at once: it is recomputed from the new plan.
+        """
+        self.total = max(int(total_steps), self.warmup + 1)
+        step = self.lambda_lr.last_epoch
+        for group, base in zip(self.lambda_lr.optimizer.param_groups, self.lambda_lr.base_lrs):
+            group["lr"] = base * self._factor(step)
 
     def _warm(self, step: int) -> float:
         # lr ramps from base/warmup to base: step 0 (the first update) already moves the weights
@@ -38,10 +60,12 @@ class Schedule:
         self.lambda_lr.step()
 
     def state_dict(self) -> dict:
-        return {"lambda_lr": self.lambda_lr.state_dict()}
+        return {"lambda_lr": self.lambda_lr.state_dict(), "total": self.total}
 
     def load_state_dict(self, state: dict) -> None:
         self.lambda_lr.load_state_dict(state["lambda_lr"])
+        if self.horizon == "time" and "total" in state:
+            self.total = int(state["total"])  # the last plan; the trainer re-plans from here
 
 
 class Constant(Schedule):
@@ -51,12 +75,13 @@ class Constant(Schedule):
 class Cosine(Schedule):
     """Cosine decay from the base lr to ``min_lr`` over the steps after warm-up (Loshchilov & Hutter 1608.03983)."""
 
-    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
+    def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
+                 horizon: str = "steps"):
         base = optimizer.param_groups[0]["lr"]
         if not 0.0 <= min_lr <= base:
             raise ValueError(f"sched.min_lr must be in [0, train.lr={base}], got {min_lr}")
         self.floor = min_lr / base
-        super().__init__(optimizer, total_steps, warmup_steps)
+        super().__init__(optimizer, total_steps, warmup_steps, horizon)
 
     def decay(self, step: int, span: int) -> float:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, span) / span))
@@ -66,13 +91,13 @@ class Step(Schedule):
     """Multiply the lr by ``gamma`` every ``step_size`` steps after warm-up."""
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, step_size: int = 1000,
-                 gamma: float = 0.5):
+                 gamma: float = 0.5, horizon: str = "steps"):
         if step_size < 1:
             raise ValueError(f"sched.step_size must be >= 1, got {step_size}")
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"sched.gamma must be in (0, 1], got {gamma}")
         self.step_size, self.gamma = int(step_size), float(gamma)
-        super().__init__(optimizer, total_steps, warmup_steps)
+        super().__init__(optimizer, total_steps, warmup_steps, horizon)
 
     def decay(self, step: int, span: int) -> float:  # noqa: ARG002
         return self.gamma ** (step // self.step_size)
@@ -86,12 +111,13 @@ class Plateau(Schedule):
     """
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, factor: float = 0.5,
-                 patience: int = 500, window: int = 50, threshold: float = 1e-4, min_lr: float = 0.0):
+                 patience: int = 500, window: int = 50, threshold: float = 1e-4, min_lr: float = 0.0,
+                 horizon: str = "steps"):
         if not 0.0 < factor < 1.0:
             raise ValueError(f"sched.factor must be in (0, 1), got {factor}")
         if window < 1 or patience < 0:
             raise ValueError(f"sched.window must be >= 1 and sched.patience >= 0, got {window}, {patience}")
-        super().__init__(optimizer, total_steps, warmup_steps)
+        super().__init__(optimizer, total_steps, warmup_steps, horizon)
         self.window = int(window)
         self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=factor, patience=max(0, patience // self.window), threshold=threshold,
@@ -111,10 +137,10 @@ class Plateau(Schedule):
             self.n, self.acc = 0, 0.0
 
     def state_dict(self) -> dict:
-        return {"lambda_lr": self.lambda_lr.state_dict(), "plateau": self.plateau.state_dict(),
-                "n": self.n, "acc": self.acc, "t": self.t}
+        return {**super().state_dict(), "plateau": self.plateau.state_dict(), "n": self.n, "acc": self.acc,
+                "t": self.t}
 
     def load_state_dict(self, state: dict) -> None:
-        self.lambda_lr.load_state_dict(state["lambda_lr"])
+        super().load_state_dict(state)
         self.plateau.load_state_dict(state["plateau"])
         self.n, self.acc, self.t = int(state["n"]), float(state["acc"]), int(state["t"])
