@@ -103,13 +103,17 @@ def test_overrides_reach_the_command_exactly(template, launch, tmp_path):
     assert args[:len(launch)] == launch
     cmd = args[args.index("gaugeflow"):]
     assert cmd[:5] == ["gaugeflow", "train", "dist=ddp", cmd[3], "hydra.run.dir=outputs/train/4242"]
-    # the walltime less a margin ends the run cleanly before PBS kills it; then the overrides verbatim
-    assert cmd[5:] == ["train.max_time=00:25:00", *overrides]
+    # the walltime less a margin ends the run cleanly before PBS kills it, the schedule stays
+    # planned for train.steps (later jobs resume the run); then the overrides verbatim
+    assert cmd[5:] == ["train.max_time=00:25:00", "sched.horizon=steps", *overrides]
 
 
 def test_user_max_time_replaces_the_default_and_sample_has_none():
     text = render("jobs/aurora/train.pbs", "train.max_time=00:10:00")
     assert text.count("train.max_time=") == 1 and "train.max_time=00:10:00" in text
+    assert "sched.horizon" not in text  # a budget the user gives is the training's length
+    mine = render("jobs/aurora/train.pbs", "sched.horizon=time")
+    assert mine.count("sched.horizon=") == 1 and "sched.horizon=time" in mine
     sample = render("jobs/aurora/sample.pbs", "checkpoint=outputs/train/1", "sample.n=1000")
     assert "max_time" not in sample.split("gaugeflow sample", 1)[1]
     assert "gaugeflow sample dist=ddp" in sample and "outputs/sample/" in sample

@@ -85,9 +85,10 @@ def test_optimizer_schedule_and_accumulation_from_the_command_line(tmp_path):
 
 
 def test_time_horizon_decays_the_cosine_within_max_time(tmp_path):
-    # train.steps far beyond the budget: the cosine is planned for the steps that fit in
-    # train.max_time, so the lr has decayed to near zero when the budget ends
-    r = gaugeflow(*SMALL, "train.steps=1000000", "train.max_time=4", "sched.horizon=time", "train.log_every=1",
+    # train.steps far beyond the budget (the default sched.horizon=auto with a max_time): the
+    # cosine is planned for the steps that fit in train.max_time, so the lr has decayed to near
+    # zero when the budget ends
+    r = gaugeflow(*SMALL, "train.steps=1000000", "train.max_time=4", "train.log_every=1",
                   "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode == 0 and "stopped by train.max_time" in r.stdout, r.stderr
     lrs = [float(row["lr"]) for row in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]

@@ -194,6 +194,7 @@ def test_time_horizon_replans_the_cosine_and_survives_a_round_trip():
     opt2 = torch.optim.SGD(params(), lr=1.0)
     s2 = schedules.Cosine(opt2, 10**6, horizon="time")
     s2.load_state_dict(state)
+    s2.resolve(budget=False, resumed=True)
     for k in range(5, 21):
         opt.step()
         s.step()
@@ -206,3 +207,27 @@ def test_time_horizon_replans_the_cosine_and_survives_a_round_trip():
     assert w.total == 11
     with pytest.raises(ValueError, match="sched.horizon must be one of"):
         schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 10, horizon="walltime")
+
+
+def test_auto_horizon_resolves_from_the_budget_and_a_resumed_run_keeps_its_plan():
+    def sched(h="auto"):
+        return schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 10**6, horizon=h)
+
+    assert sched().resolve(budget=True, resumed=False) == "time"
+    assert sched().resolve(budget=False, resumed=False) == "steps"
+    assert sched("steps").resolve(budget=True, resumed=False) == "steps"
+    with pytest.raises(ValueError, match="sched.horizon=time plans the schedule for train.max_time"):
+        sched("time").resolve(budget=False, resumed=False)
+    first = sched()
+    first.resolve(budget=True, resumed=False)
+    first.plan(40)
+    state = first.state_dict()
+    assert state["horizon"] == "time" and state["total"] == 40
+    again = sched()
+    again.load_state_dict(state)
+    assert again.resolve(budget=False, resumed=True) == "time" and again.total == 40
+    steps_run = sched()
+    steps_run.resolve(budget=False, resumed=False)
+    later = sched()
+    later.load_state_dict(steps_run.state_dict())
+    assert later.resolve(budget=True, resumed=True) == "steps" and later.total == 10**6

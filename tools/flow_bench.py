@@ -109,9 +109,34 @@ def step_timing(args):
             times.append(time.perf_counter() - ts)
     times.sort()
     med = times[len(times) // 2]
+    bare = bare_nets_seconds(model, args)
     print(json.dumps(dict(theory=args.theory, shape=args.shape, layers=args.layers, hidden=args.hidden, batch=args.batch,
                           seconds_per_step=med, samples_per_second=args.batch / med, threads=torch.get_num_threads(),
+                          bare_nets_seconds=bare, step_over_bare_nets=med / bare,
                           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+
+
+def bare_nets_seconds(model, args) -> float:
+    """Median time of the floor a training step cannot go below, measured in the same run: the
+    context networks alone, forward and backward on random inputs of their shapes, plus the
+    Adam update of their weights (no masks, loops, splines, Jacobians or action)."""
+    nets = [layer.net for layer in model.flow.layers]
+    params = [p for net in nets for p in net.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    dtype = params[0].dtype
+    first = [next(m for m in net.modules() if hasattr(m, "in_channels")) for net in nets]
+    inputs = [torch.randn(args.batch, f.in_channels, *args.shape, dtype=dtype) for f in first]
+    times = []
+    for i in range(args.warmup + args.repeats):
+        ts = time.perf_counter()
+        loss = sum(net(x).square().mean() for net, x in zip(nets, inputs))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - ts)
+    times.sort()
+    return times[len(times) // 2]
 
 
 def main():

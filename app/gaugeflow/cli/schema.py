@@ -141,7 +141,7 @@ class SchedConf:
     _target_: str = "gaugeflow.train.schedules.Cosine"
     name: str = "cosine"
     warmup_steps: int = 0
-    horizon: str = "steps"  # steps: plan for train.steps; time: for the steps that fit in train.max_time
+    horizon: str = "auto"  # steps | time (the steps that fit in train.max_time) | auto
     min_lr: Optional[float] = None
     step_size: Optional[int] = None
     gamma: Optional[float] = None

@@ -106,8 +106,6 @@ def run_train(cfg: DictConfig) -> dict:
     _check(cfg)
     t = cfg.train
     max_time = parse_duration(t.max_time, "train.max_time")
-    require(cfg.sched.get("horizon", "steps") != "time" or max_time is not None,
-            "sched.horizon=time plans the schedule for train.max_time: give train.max_time")
     dtype = resolve_dtype(t.dtype, "train.dtype")
     if cfg.dist.strategy == "none":
         resolve_device(cfg.device)  # a clear error for an absent cuda/xpu before anything starts
@@ -176,6 +174,10 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
                 raise UsageError(f"resume={ck.path}: does not fit this model ({str(err).splitlines()[0]})") from None
             step = ck.step
             _restore_rng(gen, ck.rng, par, int(cfg.seed), step)
+        try:
+            sched.resolve(budget=max_time is not None, resumed=ck is not None)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
         return _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time)
 
 
@@ -265,7 +267,7 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
                 in_a_row += 1
             step += 1
             done_here += 1
-            if sched.horizon == "time" and done_here >= 3:
+            if sched.resolved == "time" and max_time is not None and done_here >= 3:
                 # plan for the steps that fit in what is left of the budget at the rate so far
                 # (logging and checkpoints included); the first steps' rate is start-up noise
                 spent = time.monotonic() - t0

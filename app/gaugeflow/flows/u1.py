@@ -26,11 +26,15 @@ from gaugeflow.lattice.geometry import site_sum
 TWO_PI = 2 * math.pi
 
 
+def plaquettes(links: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
+    """``P_{mu nu}(x)`` (complex, unit modulus) of U(1) links ``(batch, d, *L, 1, 1)``."""
+    u_mu, u_nu = links[:, mu, ..., 0, 0], links[:, nu, ..., 0, 0]
+    return u_mu * shift(u_nu, mu, 1) * (u_nu * shift(u_mu, nu, 1)).conj()
+
+
 def plaquette_phases(links: torch.Tensor, mu: int, nu: int) -> torch.Tensor:
     """Phase in (-pi, pi] of ``P_{mu nu}(x)`` of U(1) links ``(batch, d, *L, 1, 1)``."""
-    u_mu, u_nu = links[:, mu, ..., 0, 0], links[:, nu, ..., 0, 0]
-    p = u_mu * shift(u_nu, mu, 1) * (u_nu * shift(u_mu, nu, 1)).conj()
-    return torch.angle(p)
+    return torch.angle(plaquettes(links, mu, nu))
 
 
 class CircleTransform(nn.Module):
@@ -59,13 +63,17 @@ class CircleTransform(nn.Module):
         return ncp_mixture(phi, s, weights, inverse=inverse, shift=params[..., 2 * m])
 
 
-def rectangle_phases(links: torch.Tensor, rho: int, sigma: int) -> torch.Tensor:
-    """Phase of the 2x1 loop ``U_rho(x) U_rho(x+rho) U_sigma(x+2rho) U_rho(x+rho+sigma)^* U_rho(x+sigma)^* U_sigma(x)^*``."""
+def rectangles(links: torch.Tensor, rho: int, sigma: int) -> torch.Tensor:
+    """The 2x1 loop ``U_rho(x) U_rho(x+rho) U_sigma(x+2rho) U_rho(x+rho+sigma)^* U_rho(x+sigma)^* U_sigma(x)^*``."""
     u_r, u_s = links[:, rho, ..., 0, 0], links[:, sigma, ..., 0, 0]
     u_r1 = shift(u_r, rho, 1)
     top = shift(u_r * u_r1, sigma, 1)  # U_rho(x+sigma) U_rho(x+rho+sigma)
-    loop = u_r * u_r1 * shift(u_s, rho, 2) * (u_s * top).conj()
-    return torch.angle(loop)
+    return u_r * u_r1 * shift(u_s, rho, 2) * (u_s * top).conj()
+
+
+def rectangle_phases(links: torch.Tensor, rho: int, sigma: int) -> torch.Tensor:
+    """Phase in (-pi, pi] of the 2x1 loop :func:`rectangles`."""
+    return torch.angle(rectangles(links, rho, sigma))
 
 
 def frozen_rectangles(updated: torch.Tensor, mu: int) -> dict[tuple[int, int], torch.Tensor]:
@@ -134,14 +142,15 @@ class U1PlaquetteCoupling(FlowLayer):
 
     def context(self, links: torch.Tensor) -> torch.Tensor:
         """cos and sin of the frozen loops, zero elsewhere: ``(batch, n_context, *L)``."""
-        phases = [plaquette_phases(links, r, s) for r, s in self.planes]
+        loops = [plaquettes(links, r, s) for r, s in self.planes]
         frozen = self.frozen
         if self.rectangles:
-            phases += [rectangle_phases(links, r, s) for r, s in self.rect_types]
+            loops += [rectangles(links, r, s) for r, s in self.rect_types]
             frozen = torch.cat([frozen, self.frozen_rect])
-        phases = torch.stack(phases, dim=1)
-        frozen = frozen.to(phases.dtype)
-        return torch.cat([torch.cos(phases) * frozen, torch.sin(phases) * frozen], dim=1)
+        # a loop is a unit complex number: (cos, sin) of its phase are its real and imaginary parts
+        loops = torch.stack(loops, dim=1)
+        frozen = frozen.to(loops.real.dtype)
+        return torch.cat([loops.real * frozen, loops.imag * frozen], dim=1)
 
     def _transform(self, links: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         batch, sites = links.shape[0], links.shape[2:-2]

@@ -4,11 +4,17 @@ Each is built from the ``sched`` config group (``_target_`` names a class here) 
 torch's schedulers, so its state is a plain state dict that checkpoints store. ``step(loss)``
 is called once per optimizer step; only the on-plateau schedule uses the loss.
 
-``horizon="time"`` plans the schedule for the steps that fit in the wall-clock budget
-(``train.max_time``) instead: the trainer re-plans with :meth:`Schedule.plan` after every
-step from the measured time per step, so a cosine decays to ``min_lr`` when the budget ends
-(budgeted training, Li, Yumer & Ramanan, arXiv:1905.04753). The last plan is part of the
-state, so a resumed run continues from it.
+What a schedule is planned for is its *horizon* (``sched.horizon``):
+
+* ``steps``: ``train.steps``;
+* ``time``: the steps that fit in the wall-clock budget ``train.max_time``. The trainer re-plans
+  with :meth:`Schedule.plan` after every step from the measured time per step, so a cosine has
+  decayed to ``min_lr`` when the budget ends (budgeted training, Li, Yumer & Ramanan,
+  arXiv:1905.04753);
+* ``auto`` (default): ``time`` for a fresh run given a ``train.max_time``, else ``steps``; a
+  resumed run keeps the horizon it started with.
+
+The resolved horizon and the last plan are part of the state, so a resumed run continues them.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import torch
 class Schedule:
     """Base: a multiplicative factor of the base lr per step, with ``warmup_steps`` of linear ramp."""
 
-    HORIZONS = ("steps", "time")
+    HORIZONS = ("auto", "steps", "time")
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                 horizon: str = "steps"):
+                 horizon: str = "auto"):
         if warmup_steps < 0:
             raise ValueError(f"sched.warmup_steps must be >= 0, got {warmup_steps}")
         if warmup_steps >= total_steps and warmup_steps > 0:
@@ -34,7 +40,25 @@ class Schedule:
         self.total = int(total_steps)
         self.warmup = int(warmup_steps)
         self.horizon = horizon
+        self.resolved = None if horizon == "auto" else horizon
+        self._saved: dict = {}
         self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self._factor)
+
+    def resolve(self, budget: bool, resumed: bool) -> str:
+        """Fix the horizon (``steps`` or ``time``) of this run; ``budget``: a train.max_time is given.
+
+        ``auto`` is ``time`` for a fresh run with a budget and, for a resumed run, the horizon
+        the run started with. A ``time`` plan stored in the state is taken up again.
+        """
+        h = self.horizon
+        if h == "auto":
+            h = (self._saved.get("horizon") or "steps") if resumed else ("time" if budget else "steps")
+        if h == "time" and not budget and not resumed:
+            raise ValueError("sched.horizon=time plans the schedule for train.max_time: give train.max_time")
+        if h == "time" and self._saved.get("horizon") == "time" and self._saved.get("total") is not None:
+            self.plan(int(self._saved["total"]))
+        self.resolved = h
+        return h
 
     def plan(self, total_steps: int) -> None:
         """Re-plan the schedule to end after ``total_steps`` steps (never inside the warm-up).
@@ -60,12 +84,13 @@ class Schedule:
         self.lambda_lr.step()
 
     def state_dict(self) -> dict:
-        return {"lambda_lr": self.lambda_lr.state_dict(), "total": self.total}
+        return {"lambda_lr": self.lambda_lr.state_dict(), "total": self.total,
+                "horizon": self.resolved or "steps"}
 
     def load_state_dict(self, state: dict) -> None:
         self.lambda_lr.load_state_dict(state["lambda_lr"])
-        if self.horizon == "time" and "total" in state:
-            self.total = int(state["total"])  # the last plan; the trainer re-plans from here
+        # the horizon and plan of the run being resumed: taken up by resolve()
+        self._saved = {"horizon": state.get("horizon"), "total": state.get("total")}
 
 
 class Constant(Schedule):
@@ -76,7 +101,7 @@ class Cosine(Schedule):
     """Cosine decay from the base lr to ``min_lr`` over the steps after warm-up (Loshchilov & Hutter 1608.03983)."""
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
-                 horizon: str = "steps"):
+                 horizon: str = "auto"):
         base = optimizer.param_groups[0]["lr"]
         if not 0.0 <= min_lr <= base:
             raise ValueError(f"sched.min_lr must be in [0, train.lr={base}], got {min_lr}")
@@ -91,7 +116,7 @@ class Step(Schedule):
     """Multiply the lr by ``gamma`` every ``step_size`` steps after warm-up."""
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, step_size: int = 1000,
-                 gamma: float = 0.5, horizon: str = "steps"):
+                 gamma: float = 0.5, horizon: str = "auto"):
         if step_size < 1:
             raise ValueError(f"sched.step_size must be >= 1, got {step_size}")
         if not 0.0 < gamma <= 1.0:
@@ -112,7 +137,7 @@ class Plateau(Schedule):
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, factor: float = 0.5,
                  patience: int = 500, window: int = 50, threshold: float = 1e-4, min_lr: float = 0.0,
-                 horizon: str = "steps"):
+                 horizon: str = "auto"):
         if not 0.0 < factor < 1.0:
             raise ValueError(f"sched.factor must be in (0, 1), got {factor}")
         if window < 1 or patience < 0:
