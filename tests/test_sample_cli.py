@@ -286,10 +286,10 @@ def test_restore_group_overrides_and_errors(fake_ck, tmp_path):
 
 @pytest.mark.physics
 def test_train_then_sample_matches_exact_plaquette(tmp_path):
-    """`gaugeflow train` (the embedded default, shortened to 120 steps to spare CI a minute) then
+    """`gaugeflow train` (the embedded default, shortened to 60 steps to spare CI 40 seconds) then
     `gaugeflow sample`: the IMH plaquette agrees with the exact finite-volume value within 3 sigma
     of its Gamma-method error."""
-    ok(gaugeflow("train", "train.steps=120", "seed=11", "hydra.run.dir=run", cwd=tmp_path))
+    ok(gaugeflow("train", "train.steps=60", "seed=11", "hydra.run.dir=run", cwd=tmp_path))
     r = ok(gaugeflow("sample", "checkpoint=run", "sample.n=6000", "sample.batch_size=500", "seed=12",
                      "out=ens.h5", "hydra.run.dir=s", cwd=tmp_path))
     ens = read_ensemble(tmp_path / "ens.h5", load_fields=False)

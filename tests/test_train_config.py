@@ -231,3 +231,15 @@ def test_auto_horizon_resolves_from_the_budget_and_a_resumed_run_keeps_its_plan(
     later = sched()
     later.load_state_dict(steps_run.state_dict())
     assert later.resolve(budget=True, resumed=True) == "steps" and later.total == 10**6
+
+
+def test_the_theory_chooses_the_default_batch_and_context_nets():
+    # u1_2d trains with Kanwar et al.'s [8, 8] nets and batch 256 (the 10-minute beta=2 target);
+    # other theories keep [32, 32] and 64; the command line and model=small win over both
+    u1 = composed()
+    assert u1.train.batch_size == 256 and list(u1.model.hidden) == [8, 8]
+    su3 = composed("theory=su3_2d")
+    assert su3.train.batch_size == 64 and list(su3.model.hidden) == [32, 32]
+    mine = composed("train.batch_size=32", "model.hidden=[4]")
+    assert mine.train.batch_size == 32 and list(mine.model.hidden) == [4]
+    assert list(composed("model=small").model.hidden) == [16, 16]

@@ -32,6 +32,9 @@ class TheoryConf:
     kind: str = MISSING  # gauge | phi4
     dim: int = MISSING
     default_shape: List[int] = MISSING
+    # the theory's default flow training (train.batch_size, model.hidden interpolate these)
+    default_batch_size: int = 64
+    default_hidden: List[int] = field(default_factory=lambda: [32, 32])
     # gauge theories
     group: Optional[str] = None
     beta: Optional[float] = None
