@@ -234,12 +234,20 @@ def test_auto_horizon_resolves_from_the_budget_and_a_resumed_run_keeps_its_plan(
 
 
 def test_the_theory_chooses_the_default_batch_and_context_nets():
+    from gaugeflow.flows.models import build_flow_model
+    from gaugeflow.theories import build_theory
+
     # u1_2d trains with Kanwar et al.'s [8, 8] nets and batch 256 (the 10-minute beta=2 target);
     # other theories keep [32, 32] and 64; the command line and model=small win over both
     u1 = composed()
-    assert u1.train.batch_size == 256 and list(u1.model.hidden) == [8, 8]
+    assert u1.train.batch_size == 256 and u1.model.hidden is None
     su3 = composed("theory=su3_2d")
-    assert su3.train.batch_size == 64 and list(su3.model.hidden) == [32, 32]
+    assert su3.train.batch_size == 64 and su3.model.hidden is None
+    widths = {name: [m.out_channels for m in build_flow_model(build_theory(cfg, shape)).flow.layers[0].net.modules()
+                     if hasattr(m, "out_channels")][:-1] for name, cfg, shape in [
+        ("u1", dict(name="u1_2d", kind="gauge", group="u1", dim=2, beta=1.0), [4, 4]),
+        ("su3", dict(name="su3_2d", kind="gauge", group="su3", dim=2, beta=1.0), [4, 4])]}
+    assert widths == {"u1": [8, 8], "su3": [32, 32]}
     mine = composed("train.batch_size=32", "model.hidden=[4]")
     assert mine.train.batch_size == 32 and list(mine.model.hidden) == [4]
     assert list(composed("model=small").model.hidden) == [16, 16]

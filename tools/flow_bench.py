@@ -39,7 +39,7 @@ def make(args):
         cfg["beta"] = args.beta
     theory = build_theory(cfg, args.shape)
     dtype = torch.float64 if args.float64 else torch.float32
-    model = build_flow_model(theory, n_layers=args.layers, hidden=tuple(args.hidden), kernel_size=args.kernel,
+    model = build_flow_model(theory, n_layers=args.layers, hidden=None if args.hidden is None else tuple(args.hidden), kernel_size=args.kernel,
                              n_bins=args.bins, transform=args.transform, n_mix=args.n_mix,
                              rectangles=not args.no_rectangles, dtype=dtype)
     return theory, model
@@ -146,7 +146,7 @@ def main():
     p.add_argument("--beta", type=float, default=2.0)
     p.add_argument("--shape", type=int, nargs="+", default=[8, 8])
     p.add_argument("--layers", type=int, default=None, help="default: the model builder's choice")
-    p.add_argument("--hidden", type=int, nargs="*", default=[32, 32])
+    p.add_argument("--hidden", type=int, nargs="*", default=None, help="default: the model builder's choice")
     p.add_argument("--kernel", type=int, default=3)
     p.add_argument("--bins", type=int, default=8)
     p.add_argument("--transform", default="spline", choices=["spline", "ncp"], help="U(1) circle map")

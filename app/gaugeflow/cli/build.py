@@ -24,7 +24,7 @@ def model_from_config(cfg: DictConfig, theory, dtype: torch.dtype, device: torch
     """The flow of ``cfg.model`` for ``theory``; initial weights come from torch's global generator."""
     m = cfg.model
     try:
-        model = build_flow_model(theory, m.kind, m.n_layers, tuple(m.hidden), m.kernel_size, m.activation,
+        model = build_flow_model(theory, m.kind, m.n_layers, None if m.hidden is None else tuple(m.hidden), m.kernel_size, m.activation,
                                  m.transform, m.n_bins, m.n_mix, m.bound, m.zero_init, dtype,
                                  m.rectangles)
     except ValueError as err:

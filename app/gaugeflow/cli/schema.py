@@ -32,9 +32,7 @@ class TheoryConf:
     kind: str = MISSING  # gauge | phi4
     dim: int = MISSING
     default_shape: List[int] = MISSING
-    # the theory's default flow training (train.batch_size, model.hidden interpolate these)
-    default_batch_size: int = 64
-    default_hidden: List[int] = field(default_factory=lambda: [32, 32])
+    default_batch_size: int = 64  # train.batch_size's default for this theory
     # gauge theories
     group: Optional[str] = None
     beta: Optional[float] = None
@@ -85,7 +83,7 @@ class HMCJob:
 class ModelConf:
     kind: Optional[str] = None
     n_layers: Optional[int] = None
-    hidden: List[int] = field(default_factory=lambda: [32, 32])
+    hidden: Optional[List[int]] = None  # null: the flow's default for the theory
     kernel_size: int = 3
     activation: str = "leaky_relu"
     transform: str = "spline"

@@ -32,7 +32,7 @@ def build_flow_model(
     theory: Theory,
     kind: str | None = None,
     n_layers: int | None = None,
-    hidden: Sequence[int] = (32, 32),
+    hidden: Sequence[int] | None = None,
     kernel_size: int = 3,
     activation: str = "leaky_relu",
     transform: str = "spline",
@@ -47,7 +47,9 @@ def build_flow_model(
 
     ``n_layers=None`` picks 16 for scalar and 2d gauge theories (two passes over the eight 2d
     gauge masks) and one pass over the mask schedule (8 d layers) for gauge theories in d > 2,
-    so that every link is updated.
+    so that every link is updated. ``hidden=None`` picks the context-net widths: [8, 8] for the
+    U(1) couplings (Kanwar et al. 2003.06413; wider nets train no better per second on a CPU,
+    docs/flows.md), [32, 32] otherwise.
     """
     kind = kind or default_kind(theory)
     if kind not in KINDS:
@@ -59,6 +61,8 @@ def build_flow_model(
         raise ValueError(f"model.n_layers must be >= 1, got {n_layers}")
     shape = theory.lattice.shape
     d = theory.lattice.ndim
+    if hidden is None:
+        hidden = (8, 8) if kind == "u1_equivariant" else (32, 32)
     hidden = tuple(int(h) for h in hidden)
 
     def net(c_in: int, c_out: int) -> ConvNet:
