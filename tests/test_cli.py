@@ -155,3 +155,19 @@ def test_multirun_sweep(tmp_path):
     assert r.returncode == 0, r.stderr
     betas = sorted(read_ensemble(tmp_path / "sweep2" / str(i) / "ensemble.h5").attrs["beta"] for i in (0, 1))
     assert betas == [1.0, 3.0]
+
+
+def test_a_peer_failure_is_one_line_exit_1(capsys):
+    # a rank that died mid-run (raised by the collectives' guard) ends every job the same way
+    from gaugeflow.cli.common import guarded
+    from gaugeflow.dist import PeerFailure
+
+    def job(cfg):
+        raise PeerFailure("rank 0 of 2: all_reduce failed after 0.3 s: rank 1 did not report within 30 s (exited "
+                          "or hung)\nsecond line", [1])
+
+    with pytest.raises(SystemExit) as exit_:
+        guarded(job)(None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and err == ["error: rank 0 of 2: all_reduce failed after 0.3 s: rank 1 did not "
+                                             "report within 30 s (exited or hung)"]

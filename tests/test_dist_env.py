@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,6 +32,7 @@ from gaugeflow.dist import (
 )
 from gaugeflow.dist import env as env_mod
 from gaugeflow.dist.env import expand_tasks_per_node, first_slurm_host
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -394,12 +394,6 @@ _RANK_SCRIPT = textwrap.dedent("""
 _SCENARIOS = {"ok": 30.0, "die": 4.0, "hang": 2.0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     """Start every multi-process scenario at once (interpreter start-up dominates), then collect.
@@ -415,7 +409,7 @@ def launches(tmp_path_factory):
     base.update(OMP_NUM_THREADS="1", TORCH_CPP_LOG_LEVEL="ERROR")
     procs: dict[str, list[subprocess.Popen]] = {}
     for mode, timeout in _SCENARIOS.items():
-        port = _free_port()
+        port = get_free_port()
         procs[mode] = [subprocess.Popen(
             [sys.executable, str(script), mode, str(timeout)],
             env=dict(base, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),

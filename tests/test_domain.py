@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ from gaugeflow.flows.models import build_flow_model
 from gaugeflow.lattice import Lattice, checkerboard, pad, shift
 from gaugeflow.observables.wilson import mean_plaquette, polyakov_loop, wilson_loop
 from gaugeflow.theories import build_theory
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -281,12 +281,6 @@ def _worker(rank, world, port, ref):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_decomposed_run_equals_single_process(world):
     ref = _reference(world)
@@ -294,7 +288,7 @@ def test_decomposed_run_equals_single_process(world):
     # again (4 s instead of 20 s per world on two loaded cores); spawn where there is no fork
     fork = "fork" in mp.get_all_start_methods() and not dist.is_initialized()
     method = "fork" if fork else "spawn"
-    mp.start_processes(_worker, args=(world, _free_port(), ref), nprocs=world, join=True, start_method=method)
+    mp.start_processes(_worker, args=(world, get_free_port(), ref), nprocs=world, join=True, start_method=method)
 
 
 def test_grid_errors_name_the_config_key():

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-import socket
 
 import h5py
 import pytest
@@ -59,6 +58,7 @@ from gaugeflow.io.sharded import (
 from gaugeflow.sampling.weights import effective_sample_size
 from gaugeflow.theories import build_theory
 from gaugeflow.train.losses import path_gradient
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 SEED = 11
@@ -337,16 +337,10 @@ def _worker(rank, world, port, ref, run_dir, job):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world, *args):
     # fork: the processes inherit the imported torch and gaugeflow (seconds saved per start)
     method = "fork" if "fork" in mp.get_all_start_methods() and not dist.is_initialized() else "spawn"
-    mp.start_processes(_worker, args=(world, _free_port(), *args), nprocs=world, join=True, start_method=method)
+    mp.start_processes(_worker, args=(world, get_free_port(), *args), nprocs=world, join=True, start_method=method)
 
 
 @pytest.fixture(scope="module")

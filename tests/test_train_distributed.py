@@ -2,7 +2,6 @@
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,21 +9,16 @@ import h5py
 import numpy as np
 
 from gaugeflow.io.checkpoint import load_checkpoint
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 SMALL = ["model=small", "model.n_layers=4", "model.hidden=[8]", "train.batch_size=16", "train.steps=8",
          "train.log_every=2", "train.checkpoint_every=4", "train.eval_samples=32", "seed=3", "lattice.shape=[4,4]",
          "dist.device=cpu", "dist.timeout_s=60"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(n, *args, cwd, job="train"):
     """Start ``n`` ranks with torchrun's variables; returns their CompletedProcess-like results."""
-    port = str(free_port())
+    port = str(get_free_port())
     procs = []
     for r in range(n):
         env = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -142,14 +141,10 @@ def worker(args) -> dict:
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, local_params=n_params)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args, strategy: str, mode: str, ranks: int) -> list[dict]:
-    port = str(_free_port())
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    port = str(get_free_port())
     outs, procs = [], []
     tmp = tempfile.mkdtemp(prefix="gf-scaling-")
     for r in range(ranks):

@@ -45,11 +45,13 @@ def _remove_bookkeeping_only(path: pathlib.Path) -> None:
 
 
 def guarded(job: Callable[[object], None]) -> Callable[[object], None]:
-    """Turn the project's input errors raised by ``job`` into one-line errors with exit code 2."""
+    """Turn the project's input errors raised by ``job`` into one-line errors with exit code 2,
+    and a peer rank's failure (:class:`gaugeflow.dist.PeerFailure`) into one line with exit code 1."""
 
     def run(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        from gaugeflow.dist.init import PeerFailure
         from gaugeflow.io.ensemble import EnsembleError
 
         try:
@@ -57,6 +59,11 @@ def guarded(job: Callable[[object], None]) -> Callable[[object], None]:
         except (UsageError, EnsembleError) as err:
             run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
             fail(str(err).splitlines()[0] if str(err) else type(err).__name__, run_dir)
+        except PeerFailure as err:
+            # another rank died or hung: its one line (which rank, which collective), exit 1;
+            # what was written stays (the last checkpoint is complete: writes are atomic)
+            print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
+            sys.exit(1)
 
     run.__name__ = getattr(job, "__name__", "job")
     run.__doc__ = job.__doc__
