@@ -60,7 +60,10 @@ def test_data_parallel_run_and_bitwise_resume(tmp_path):
 
 
 def test_domain_decomposed_training(tmp_path):
-    r = launch(2, *SMALL, "dist=ddp", "dist.lattice_grid=[2,1]", "hydra.run.dir=grid", cwd=tmp_path)
+    # with a budget the schedule is re-planned every step by rank 0's clock (a broadcast that
+    # every rank must join, or the run would hang)
+    r = launch(2, *SMALL, "dist=ddp", "dist.lattice_grid=[2,1]", "train.max_time=120", "hydra.run.dir=grid",
+               cwd=tmp_path)
     assert all(rc == 0 for rc, _, _ in r), [se for _, _, se in r]
     assert "shape=[4, 4] on 2 ranks (1 replicas x 2 lattice blocks)" in r[0][1]
     rows = list(csv.DictReader(open(tmp_path / "grid" / "metrics.csv")))

@@ -269,9 +269,9 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
             done_here += 1
             if sched.resolved == "time" and max_time is not None and done_here >= 3:
                 # plan for the steps that fit in what is left of the budget at the rate so far
-                # (logging and checkpoints included); the first steps' rate is start-up noise
+                # (logging and checkpoints included), by rank 0's clock: replicas must share the lr
                 spent = time.monotonic() - t0
-                fit = step + int(max(0.0, max_time - spent) * done_here / spent)
+                fit = par.broadcast_object(step + int(max(0.0, max_time - spent) * done_here / spent))
                 sched.plan(min(t.steps, fit))
             sched.step(out.loss.item())
             dt = time.monotonic() - ts
