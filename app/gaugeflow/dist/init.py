@@ -267,10 +267,29 @@ class DistContext:
         return self.backend is not None
 
     def shutdown(self) -> None:
-        """Destroy the process group (if any); safe to call twice."""
+        """Destroy the process group (if any); safe to call twice.
+
+        Rank 0 hosts the store's server, so it leaves last: it waits (briefly) until every other
+        rank has destroyed its process group. A peer whose teardown found the server gone could
+        abort its process ("terminate called without an active exception") after a good run.
+        """
         if self.backend is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+            self._depart()
         self._store = None
+
+    def _depart(self) -> None:
+        store = self._store
+        if store is None or self.world_size < 2:
+            return
+        try:
+            if self.rank != 0:
+                store.set(f"{_STORE_PREFIX}/exit/{self.rank}", "1")
+            else:
+                store.set_timeout(datetime.timedelta(seconds=min(30.0, self.report_grace_s + 10)))
+                store.wait([f"{_STORE_PREFIX}/exit/{r}" for r in range(1, self.world_size)])
+        except Exception:  # noqa: BLE001 - a peer that died already: nobody left to wait for
+            pass
 
     def __enter__(self) -> "DistContext":
         return self
