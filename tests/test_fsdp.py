@@ -139,6 +139,16 @@ def _close(actual, expected, what, **tol):
     torch.testing.assert_close(actual, expected, **(tol or TOL), msg=lambda m: f"{what}: {m}")
 
 
+def _matches_reference(state, model, opt, ref, where):
+    """A loaded model's parameters (``state``) and optimizer state equal the reference run's."""
+    for k, v in state.items():
+        _close(v, ref["state"][k], f"{where}: parameter {k}")
+    got = _optim_by_name(model, opt)
+    for name, st in ref["optim"].items():
+        for key, v in st.items():
+            _close(got[name][key], v, f"{where}: optimizer {key} of {name}")
+
+
 def _train(model, opt, gen, theory, ref, reduce=None, record=None):
     """STEPS of reverse KL on this rank's batch; checks losses, ESS and gradient norms."""
     for step in range(STEPS):
@@ -214,12 +224,7 @@ def _check_training(rank, world, ref, run_dir):
     into = _sharded_model(init_seed=8)
     opt_into = torch.optim.Adam(into.parameters(), lr=LR)
     load_sharded(ddp_dir, into, opt_into)
-    for k, v in _state(into).items():
-        _close(v, ref["state"][k], f"DDP checkpoint loaded into FSDP: {k}")
-    got = _optim_by_name(into, opt_into)
-    for name, st in ref["optim"].items():
-        for key, v in st.items():
-            _close(got[name][key], v, f"DDP checkpoint loaded into FSDP: optimizer {key} of {name}")
+    _matches_reference(_state(into), into, opt_into, ref, "DDP checkpoint loaded into FSDP")
 
     # the path gradient works under FSDP (functional_call's detached parameters would not);
     # here with parameters kept gathered from forward to backward (ZeRO-2), which an evaluation
@@ -296,12 +301,7 @@ def _check_reshard_load(rank, world, ref, run_dir):
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     ck = load_sharded(run_dir, model, opt)
     assert ck.saved_world_size == 2 and (ck.rng is None) == (rank >= 2)
-    for k, v in _state(model).items():
-        _close(v, ref["state"][k], f"parameter {k} loaded on {world} ranks")
-    got = _optim_by_name(model, opt)
-    for name, st in ref["optim"].items():
-        for key, v in st.items():
-            _close(got[name][key], v, f"optimizer {key} of {name} loaded on {world} ranks")
+    _matches_reference(_state(model), model, opt, ref, f"loaded on {world} ranks")
 
 
 def _check_hsdp(rank, world, ref, run_dir):
@@ -379,12 +379,7 @@ def test_two_ranks_fsdp_ddp_and_sharded_checkpoint(two_rank_run):
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     ck = load_sharded(step_dir, model, opt)
     assert ck.rng is not None and ck.saved_world_size == 2
-    for k, v in model.state_dict().items():
-        _close(v, ref["state"][k], f"parameter {k} loaded on 1 process")
-    got = _optim_by_name(model, opt)
-    for name, st in ref["optim"].items():
-        for key, v in st.items():
-            _close(got[name][key], v, f"optimizer {key} of {name} loaded on 1 process")
+    _matches_reference(model.state_dict(), model, opt, ref, "loaded on 1 process")
 
     # consolidated single file, read by io.checkpoint and usable by a plain training run
     out = export_consolidated(step_dir)
@@ -398,6 +393,7 @@ def test_two_ranks_fsdp_ddp_and_sharded_checkpoint(two_rank_run):
     plain_opt.load_state_dict(single.optim)
     for k, v in model.state_dict().items():
         assert torch.equal(single.model[k], v), k
+    got = _optim_by_name(model, opt)
     assert _optim_by_name(plain, plain_opt).keys() == got.keys()
     for name, st in got.items():
         for key, v in st.items():
@@ -488,12 +484,7 @@ def test_four_ranks_fsdp_hsdp_and_resharding(two_rank_run):
     model = _model(init_seed=2)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     load_sharded(hsdp, model, opt)
-    for k, v in model.state_dict().items():
-        _close(v, ref["state"][k], f"HSDP parameter {k} loaded on 1 process")
-    got = _optim_by_name(model, opt)
-    for name, st in ref["optim"].items():
-        for key, v in st.items():
-            _close(got[name][key], v, f"HSDP optimizer {key} of {name} loaded on 1 process")
+    _matches_reference(model.state_dict(), model, opt, ref, "HSDP loaded on 1 process")
 
 
 def _path_gradient_reference(model, action, batch_size, generator):
