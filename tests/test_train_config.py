@@ -180,27 +180,36 @@ def test_forward_kl_fits_a_known_gaussian():
     assert first > exact + 0.5 and abs(final - exact) < 4 * math.sqrt(2 / n)
 
 
+def _cosine_at(p):
+    return 0.5 * (1 + math.cos(math.pi * p))
+
+
 def test_time_horizon_replans_the_cosine_and_survives_a_round_trip():
-    # planned for 10**6 steps, re-planned to 20 after 4: the rest of the curve is the cosine
-    # of a 20-step plan, and a schedule restored from the state keeps the last plan
+    # planned for 10**6 steps, re-planned to 20 after 4: the lr does not jump, the progress
+    # reached is kept and the rest of the cosine is stretched over steps 4..20; a schedule
+    # restored from the state (a resume with a budget) keeps the plan
     opt = torch.optim.SGD(params(), lr=1.0)
     s = schedules.Cosine(opt, 10**6, horizon="time")
     for _ in range(4):
         opt.step()
         s.step()
+    before = opt.param_groups[0]["lr"]
     s.plan(20)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 20)))
+    assert opt.param_groups[0]["lr"] == before == _cosine_at(4 / 10**6)
     state = s.state_dict()
     opt2 = torch.optim.SGD(params(), lr=1.0)
     s2 = schedules.Cosine(opt2, 10**6, horizon="time")
     s2.load_state_dict(state)
-    s2.resolve(budget=False, resumed=True)
-    for k in range(5, 21):
+    assert s2.resolve(budget=True, resumed=True) == "time"
+    p4 = 4 / 10**6
+    for k in range(5, 22):
         opt.step()
         s.step()
         s2.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi * min(k, 20) / 20)), abs=1e-12)
+        want = _cosine_at(min(1.0, p4 + (1 - p4) * (k - 4) / 16))
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, abs=1e-12)
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    assert opt.param_groups[0]["lr"] == 0.0  # the floor when the plan ends
     # a plan never ends inside the warm-up
     w = schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 100, warmup_steps=10, horizon="time")
     w.plan(3)
@@ -210,8 +219,8 @@ def test_time_horizon_replans_the_cosine_and_survives_a_round_trip():
 
 
 def test_auto_horizon_resolves_from_the_budget_and_a_resumed_run_keeps_its_plan():
-    def sched(h="auto"):
-        return schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 10**6, horizon=h)
+    def sched(h="auto", steps=10**6):
+        return schedules.Cosine(torch.optim.SGD(params(), lr=1.0), steps, horizon=h)
 
     assert sched().resolve(budget=True, resumed=False) == "time"
     assert sched().resolve(budget=False, resumed=False) == "steps"
@@ -222,15 +231,81 @@ def test_auto_horizon_resolves_from_the_budget_and_a_resumed_run_keeps_its_plan(
     first.resolve(budget=True, resumed=False)
     first.plan(40)
     state = first.state_dict()
-    assert state["horizon"] == "time" and state["total"] == 40
+    assert state["horizon"] == "time" and state["total"] == 40 and state["ended"] == 0
     again = sched()
     again.load_state_dict(state)
-    assert again.resolve(budget=False, resumed=True) == "time" and again.total == 40
+    assert again.resolve(budget=True, resumed=True) == "time" and again.total == 40
+    # resumed without a budget: the rest of the plan stretches over the remaining train.steps
+    nobudget = sched(steps=100)
+    nobudget.load_state_dict(state)
+    assert nobudget.resolve(budget=False, resumed=True) == "steps" and nobudget.total == 100
     steps_run = sched()
     steps_run.resolve(budget=False, resumed=False)
     later = sched()
     later.load_state_dict(steps_run.state_dict())
     assert later.resolve(budget=True, resumed=True) == "steps" and later.total == 10**6
+
+
+def _run(s, opt, n):
+    lrs = []
+    for _ in range(n):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return lrs
+
+
+@pytest.mark.parametrize("restart_lr", [None, 0.25])
+def test_a_time_plan_ended_by_max_time_restarts_a_new_cycle(restart_lr):
+    opt = torch.optim.SGD(params(), lr=1.0)
+    s = schedules.Cosine(opt, 10**6, horizon="auto", min_lr=0.01)
+    s.resolve(budget=True, resumed=False)
+    s.plan(10)
+    _run(s, opt, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # the floor: the plan is spent
+    s.end_plan()  # the trainer's train.max_time stop
+    state, ostate = s.state_dict(), opt.state_dict()
+    assert state["ended"] == 1
+    opt2 = torch.optim.SGD(params(), lr=1.0)
+    opt2.load_state_dict(ostate)
+    s2 = schedules.Cosine(opt2, 10**6, min_lr=0.01, restart_lr=restart_lr)
+    s2.load_state_dict(state)
+    assert s2.resolve(budget=True, resumed=True) == "time" and s2.restarted
+    start = 1.0 if restart_lr is None else restart_lr
+    s2.plan(20)  # the new invocation's budget: 10 more steps
+    lrs = _run(s2, opt2, 10)
+    assert lrs[0] == pytest.approx(start)  # the first resumed step trains at the restart lr
+    assert lrs == sorted(lrs, reverse=True) and opt2.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert s2.state_dict()["restarts"] == 1
+    # without a budget, the new cycle spans the remaining train.steps
+    s3 = schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 30, min_lr=0.01)
+    s3.load_state_dict(state)
+    assert s3.resolve(budget=False, resumed=True) == "steps" and s3.restarted and s3.total == 30
+    with pytest.raises(ValueError, match="sched.restart_lr"):
+        bad = schedules.Cosine(torch.optim.SGD(params(), lr=1.0), 30, min_lr=0.01, restart_lr=0.001)
+        bad.load_state_dict(state)
+        bad.resolve(budget=False, resumed=True)
+
+
+def test_a_time_plan_stopped_early_continues_with_the_lr_it_gives():
+    # SIGTERM or stop_after inside a time plan: the first resumed step takes the lr the plan gives
+    # it, and the rest of the plan is stretched over the new budget from there
+    opt = torch.optim.SGD(params(), lr=1.0)
+    s = schedules.Cosine(opt, 10**6)
+    s.resolve(budget=True, resumed=False)
+    s.plan(20)
+    _run(s, opt, 8)
+    expected = opt.param_groups[0]["lr"]  # what step 8 would train with
+    state, ostate = s.state_dict(), opt.state_dict()
+    opt2 = torch.optim.SGD(params(), lr=1.0)
+    opt2.load_state_dict(ostate)
+    s2 = schedules.Cosine(opt2, 10**6)
+    s2.load_state_dict(state)
+    assert s2.resolve(budget=True, resumed=True) == "time" and not s2.restarted
+    assert opt2.param_groups[0]["lr"] == expected
+    s2.plan(40)  # more time this invocation: a slower decay from the same point
+    lrs = _run(s2, opt2, 32)
+    assert lrs[0] == expected and lrs[-1] > 0 and opt2.param_groups[0]["lr"] == 0.0
 
 
 def test_the_theory_chooses_the_default_batch_and_context_nets():

@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gaugeflow.cli.common import UsageError
-from gaugeflow.flows.models import build_flow_model
+from gaugeflow.flows.models import build_flow_model, resolve_architecture
 from gaugeflow.theories import build_theory
 
 
@@ -30,6 +30,18 @@ def model_from_config(cfg: DictConfig, theory, dtype: torch.dtype, device: torch
     except ValueError as err:
         raise UsageError(str(err)) from None
     return model.to(device)
+
+
+def resolve_model_config(cfg: DictConfig, theory) -> None:
+    """Fill the model keys left null (the flow's defaults for ``theory``) in ``cfg.model``, so the
+    config a checkpoint records names the architecture in full."""
+    m = cfg.model
+    try:
+        kind, n_layers, hidden = resolve_architecture(theory, m.kind, m.n_layers,
+                                                      None if m.hidden is None else tuple(m.hidden))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    m.kind, m.n_layers, m.hidden = kind, n_layers, list(hidden)
 
 
 def parallel_from_config(cfg: DictConfig):

@@ -3,17 +3,46 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import re
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import torch
 
 #: the Hydra config tree (conf/ of the source tree, shipped inside the package)
 CONFIG_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
+
+
+def _process_start() -> float:
+    """``time.monotonic()`` at the start of this process (Linux: from /proc; else: at this import).
+
+    A batch system's walltime counts from the launch, interpreter start-up and imports included,
+    so job budgets (``train.max_time``, ``sample.max_time``) count from here.
+    """
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return now - age if 0.0 <= age < 86400.0 else now
+    except (OSError, ValueError, IndexError):
+        return now
+
+
+#: when this process started, on the ``time.monotonic()`` clock
+JOB_START = _process_start()
+
+
+def job_elapsed() -> float:
+    """Seconds since this process started."""
+    return time.monotonic() - JOB_START
 
 
 class UsageError(ValueError):
@@ -36,8 +65,8 @@ def fail(message: str, run_dir: str | None = None) -> None:
 
 def _remove_bookkeeping_only(path: pathlib.Path) -> None:
     # Hydra writes .hydra/ and a log before the job runs; a job that rejected its
-    # input leaves nothing behind.
-    if not path.is_dir():
+    # input leaves nothing behind. Never the working directory (ranks other than 0 run there).
+    if not path.is_dir() or path.resolve() == pathlib.Path.cwd().resolve():
         return
     extra = [p for p in path.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
     if not extra:

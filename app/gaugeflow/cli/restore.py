@@ -1,11 +1,21 @@
 """Jobs that start from a checkpoint: the trained theory, model and lattice, plus the user's overrides.
 
-Rule (shared by ``sample``, ``score`` and train's ``resume``): the sections ``theory``,
-``model`` and ``lattice`` come from the checkpoint's ``config`` attribute (the resolved
-YAML of the training job). Keys given on the command line apply on top of them
-(``theory.beta=2.1``, ``model.n_bins=4``, ``'lattice.shape=[16,16]'``). A group override
-(``model=small``, ``theory=u1_2d``) means the composed group instead, with its own dotted
-overrides. A theory whose name differs from the checkpoint's is an error.
+Rule (shared by ``sample``, ``score``, train's ``resume`` and ``init_from``): the sections
+``theory``, ``model`` and ``lattice`` come from the checkpoint's ``config`` attribute (the
+resolved YAML of the training job), the theory in full (group, action, c0/c1, every coupling).
+A theory group choice equal to the checkpoint's theory name changes nothing. What the command
+line may change depends on the job (``mode``):
+
+* ``resume``: nothing of the theory or lattice: an explicit key whose value differs from the
+  checkpoint's is an error naming the key and both values (a resumed run is the same run);
+* ``target`` (``sample``, ``score``, ``init_from``): keys given on the command line apply on top
+  (``theory.beta=2.1``, ``'lattice.shape=[16,16]'``), and a theory preset of the same field
+  space (group and dimension) replaces the checkpoint's: a flow is a legitimate proposal for a
+  nearby target. :func:`target_changes` lists what differs from the trained theory.
+
+A model group override (``model=small``) means the composed group instead, with its own dotted
+overrides. ``_target_`` keys restored from a checkpoint are instantiated only under
+``gaugeflow.`` and ``torch.`` unless ``allow_targets`` adds prefixes.
 
 Overrides are read from ``HydraConfig.get().overrides.task`` and parsed by Hydra's own
 override parser, so values have exactly the types Hydra would give them; the merged
@@ -22,7 +32,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gaugeflow.cli.common import UsageError
@@ -31,17 +41,22 @@ from gaugeflow.io.checkpoint import SECTIONS, Checkpoint, CheckpointError, load_
 log = logging.getLogger(__name__)
 
 RESTORED = ("theory", "model", "lattice")
+#: ``_target_`` prefixes a checkpoint's config may name without ``allow_targets``
+TRUSTED_TARGETS = ("gaugeflow.", "torch.")
 
 
 def restore_config(cfg: DictConfig, spec, key: str = "checkpoint", *, sections: Sequence[str] = RESTORED,
-                   overrides: Iterable[str] | None = None, load: Sequence[str] = SECTIONS
+                   overrides: Iterable[str] | None = None, load: Sequence[str] = SECTIONS, mode: str = "target"
                    ) -> tuple[DictConfig, Checkpoint]:
     """``cfg`` with ``sections`` taken from the checkpoint ``spec`` (a file or a run directory).
 
     ``key`` names the config key that gave ``spec`` in error messages. ``overrides`` are the
     command-line overrides (default: Hydra's, none outside a Hydra job). ``load`` selects the
-    checkpoint sections read from disk. Returns the merged config (a copy) and the checkpoint.
+    checkpoint sections read from disk. ``mode``: ``resume`` or ``target`` (module docstring).
+    Returns the merged config (a copy) and the checkpoint.
     """
+    if mode not in ("resume", "target"):
+        raise ValueError(f"mode must be resume or target, got {mode!r}")
     where = f"{key}={spec}"
     try:
         ck = load_any_checkpoint(spec, key, sections=load)
@@ -50,28 +65,122 @@ def restore_config(cfg: DictConfig, spec, key: str = "checkpoint", *, sections: 
     saved = saved_config(ck, where)
     parsed = _parse(_command_line() if overrides is None else list(overrides))
     groups = _group_names(cfg, sections)
+    trained = ck.theory or str(OmegaConf.select(saved, "theory.name", default=""))
 
     merged = copy.deepcopy(cfg)
+    restored = []
     for sec in sections:
-        if sec in groups and any(o.key_or_group == sec and not o.is_delete() for o in parsed):
+        choice = next((o for o in parsed if o.key_or_group == sec and not o.is_delete() and o.package is None),
+                      None) if sec in groups else None
+        if choice is not None and not (sec == "theory" and str(choice.value()) == trained):
             # an explicit group choice: Hydra already composed it with its dotted overrides
+            if sec == "theory":
+                _check_theory_choice(merged.theory, saved, trained, mode, where)
             continue
         if sec not in saved or not isinstance(saved[sec], DictConfig):
             raise UsageError(f"{where}: the checkpoint's config has no '{sec}' section")
         try:
             merged[sec] = _fit(merged[sec], saved[sec], sec, where)
+            restored.append(sec)
             for o in parsed:
                 if o.key_or_group.startswith(sec + ".") and o.package is None:
+                    if mode == "resume" and sec in ("theory", "lattice"):
+                        _same_as_saved(o, saved, where)
                     _apply(merged, o)
         except OmegaConfBaseException as err:
             raise UsageError(f"{where}: {_first_line(err)}") from None
 
-    trained = ck.theory or str(OmegaConf.select(saved, "theory.name", default=""))
     if "theory" in sections and trained:
         name = OmegaConf.select(merged, "theory.name", default=None)
-        if name != trained:
+        if name != trained and mode == "resume":
             raise UsageError(f"{where}: checkpoint of theory {trained!r}, not {name!r}")
+    allowed = (*TRUSTED_TARGETS, *[str(a) for a in (cfg.get("allow_targets") or [])])
+    for sec in restored:
+        check_targets(merged[sec], allowed, f"{where}: {sec}")
     return merged, ck
+
+
+def check_targets(node, allowed: Sequence[str], where: str) -> None:
+    """Refuse a ``_target_`` in ``node`` (recursively) outside the ``allowed`` prefixes.
+
+    A checkpoint's config is data from a file: it must not name an arbitrary callable for
+    ``instantiate`` unless the user allowed its package (``allow_targets=[mypkg]``).
+    """
+    data = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            target = item.get("_target_")
+            if target is not None and not any(str(target) == a.rstrip(".") or str(target).startswith(
+                    a if a.endswith(".") else a + ".") for a in allowed):
+                raise UsageError(f"{where} names _target_={target!r}, outside {', '.join(allowed)}: "
+                                 f"add its package to allow_targets=[...] if you trust this checkpoint")
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _same_as_saved(o, saved: DictConfig, where: str) -> None:
+    """A resumed run keeps its theory and lattice: an explicit key must equal the checkpoint's."""
+    key = o.key_or_group
+    new = o.value()
+    old = OmegaConf.select(saved, key, default=None)
+    if isinstance(old, (DictConfig, ListConfig)):
+        old = OmegaConf.to_container(old, resolve=True)
+    if _normal(new) != _normal(old):
+        raise UsageError(f"{where}: {key}={_show(new)} differs from the run's {key}={_show(old)}; a resumed run "
+                         f"keeps its theory and lattice (start a new run from its weights with init_from=)")
+
+
+def _normal(v):
+    if isinstance(v, (list, tuple)):
+        return [_normal(x) for x in v]
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)):
+        return float(v)
+    return v
+
+
+def _show(v) -> str:
+    return "null" if v is None else str(v).replace(" ", "")
+
+
+def _check_theory_choice(chosen: DictConfig, saved: DictConfig, trained: str, mode: str, where: str) -> None:
+    """A theory preset other than the checkpoint's: an error for ``resume``; for ``target``
+    allowed on the same field space (group and dimension)."""
+    name = OmegaConf.select(chosen, "name", default=None)
+    if mode == "resume":
+        raise UsageError(f"{where}: checkpoint of theory {trained!r}, not {name!r}")
+    for k in ("kind", "group", "dim"):
+        a, b = OmegaConf.select(chosen, k, default=None), OmegaConf.select(saved, f"theory.{k}", default=None)
+        if a != b:
+            raise UsageError(f"{where}: theory={name} is not on the field space the flow was trained for "
+                             f"(theory.{k}={_show(a)}, the checkpoint's {trained!r} has {_show(b)})")
+
+
+#: theory keys that are bookkeeping, not physics (not reported as target changes)
+_NOT_PHYSICS = ("default_shape", "default_batch_size", "hmc", "default_flow_time")
+
+
+def target_changes(cfg: DictConfig, ck: Checkpoint) -> dict[str, tuple]:
+    """What the job's target differs in from the theory and lattice the flow was trained at:
+    ``{key: (trained, target)}`` for the theory name, every coupling and the lattice shape."""
+    saved = saved_config(ck)
+    out = {}
+    mine = OmegaConf.to_container(cfg.theory, resolve=True)
+    theirs = OmegaConf.to_container(saved.theory, resolve=True) if "theory" in saved else {}
+    for k in sorted(set(mine) | set(theirs)):
+        if k in _NOT_PHYSICS:
+            continue
+        if _normal(mine.get(k)) != _normal(theirs.get(k)):
+            out[f"theory.{k}"] = (theirs.get(k), mine.get(k))
+    a = [int(x) for x in cfg.lattice.shape]
+    b = [int(x) for x in OmegaConf.select(saved, "lattice.shape", default=[])]
+    if a != b:
+        out["lattice.shape"] = (b, a)
+    return out
 
 
 def load_any_checkpoint(spec, key: str = "checkpoint", sections: Sequence[str] = SECTIONS) -> Checkpoint:
@@ -115,12 +224,14 @@ def training_dtype(ck: Checkpoint, where: str = "checkpoint") -> torch.dtype:
     return table[name]
 
 
-def restore_model(cfg: DictConfig, theory, ck: Checkpoint, device: torch.device, where: str = "checkpoint"):
-    """The flow of ``cfg.model`` for ``theory`` with the checkpoint's weights, in the training dtype,
-    in eval mode and without gradients."""
+def restore_model(cfg: DictConfig, theory, ck: Checkpoint, device: torch.device, where: str = "checkpoint",
+                  dtype: torch.dtype | None = None):
+    """The flow of ``cfg.model`` for ``theory`` with the checkpoint's weights, in ``dtype`` (default:
+    the training dtype; float32 weights load exactly into a float64 model), in eval mode and
+    without gradients."""
     from gaugeflow.cli.build import model_from_config
 
-    model = model_from_config(cfg, theory, training_dtype(ck, where), device)
+    model = model_from_config(cfg, theory, training_dtype(ck, where) if dtype is None else dtype, device)
     try:
         if ck.path.is_dir():  # sharded: reassemble the full tensors from every shard
             from gaugeflow.io.sharded import load_sharded
@@ -234,4 +345,5 @@ def _apply(cfg: DictConfig, o) -> None:
         OmegaConf.update(cfg, key, value, merge=True)
 
 
-__all__ = ["RESTORED", "restore_config", "restore_model", "saved_config", "sha256_file", "training_dtype"]
+__all__ = ["RESTORED", "TRUSTED_TARGETS", "check_targets", "restore_config", "restore_model", "saved_config",
+           "sha256_file", "target_changes", "training_dtype"]

@@ -44,6 +44,8 @@ class TheoryConf:
     lam: Optional[float] = None
     kappa: Optional[float] = None
     lam_tilde: Optional[float] = None
+    # gradient-flow time at which jobs measure the topological charge (0: the unflowed field)
+    default_flow_time: float = 0.0
     hmc: TheoryHMCDefaults = field(default_factory=TheoryHMCDefaults)
 
 
@@ -66,6 +68,7 @@ class HMCConf:
     continue_from: Optional[str] = None  # ensemble file whose last configuration starts the chain
     flow_time: float = 0.0  # Wilson-flow time before measuring the 4d topological charge
     precision: str = "float64"
+    compression: Optional[str] = None  # null | gzip | gzip:<level> | lzf
     progress: bool = True
 
 
@@ -109,6 +112,7 @@ class TrainConf:
     checkpoint_every: int = 500
     keep: int = 3
     eval_samples: int = 1024
+    eval_batch_size: Optional[int] = None  # draws per model call in the final evaluation; null: 4 x the per-replica batch
     progress: bool = True
 
 
@@ -143,6 +147,7 @@ class SchedConf:
     name: str = "cosine"
     warmup_steps: int = 0
     horizon: str = "auto"  # steps | time (the steps that fit in train.max_time) | auto
+    restart_lr: Optional[float] = None  # lr a new cycle starts from when a resumed run's time plan has ended
     min_lr: Optional[float] = None
     step_size: Optional[int] = None
     gamma: Optional[float] = None
@@ -166,6 +171,8 @@ class TrainJob:
     seed: int = 0
     device: str = "cpu"
     resume: Optional[str] = None
+    init_from: Optional[str] = None  # a checkpoint or run directory whose weights start a new run
+    allow_targets: List[str] = field(default_factory=list)  # extra _target_ prefixes a checkpoint may name
 
 
 def register() -> None:

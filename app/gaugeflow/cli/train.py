@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gaugeflow.cli.common import (
     CONFIG_DIR,
+    JOB_START,
     UsageError,
     guarded,
     parse_duration,
@@ -24,15 +25,16 @@ from gaugeflow.cli.common import (
     resolve_dtype,
     stop_on_sigterm,
 )
-from gaugeflow.cli.build import model_from_config, parallel_from_config, theory_from_config
+from gaugeflow.cli.build import model_from_config, parallel_from_config, resolve_model_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
-from gaugeflow.cli.restore import restore_config
+from gaugeflow.cli.restore import restore_config, sha256_file
 from gaugeflow.exact import reference_values
+from gaugeflow.dist.init import PeerFailure
 from gaugeflow.dist.parallel import Parallel
 from gaugeflow.monitor import build_logger
 from gaugeflow.cli.schema import register
 from gaugeflow.dist.fsdp import clip_grad_norm
-from gaugeflow.io.checkpoint import CheckpointError, checkpoint_path, save_checkpoint
+from gaugeflow.io.checkpoint import CheckpointError, checkpoint_path, remove_stale_temporaries, save_checkpoint
 from gaugeflow.io.sharded import load_sharded, save_sharded, sharded_path
 from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
 from gaugeflow.train.losses import LossOutput
@@ -40,7 +42,7 @@ from gaugeflow.train.losses import LossOutput
 register()
 
 METRICS = ["step", "loss", "free_energy", "ess", "var_log_w", "plaquette", "lr", "grad_norm",
-           "seconds_per_step", "samples_per_second", "peak_memory_mb", "nonfinite_skipped"]
+           "seconds_per_step", "samples_per_second", "peak_memory_mb", "nonfinite_skipped", "restart"]
 
 
 def _eval_seed(seed: int) -> int:
@@ -74,8 +76,11 @@ def _check(cfg: DictConfig) -> None:
     require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     mb = t.micro_batch_size
-    require(mb is None or (mb >= 1 and t.batch_size % mb == 0),
-            f"train.micro_batch_size must divide train.batch_size={t.batch_size}, got {mb}")
+    require(mb is None or mb >= 1, f"train.micro_batch_size must be >= 1, got {mb}")
+    require(t.eval_batch_size is None or t.eval_batch_size >= 1,
+            f"train.eval_batch_size must be >= 1, got {t.eval_batch_size}")
+    require(not (cfg.resume and cfg.init_from), "give resume= (continue a run) or init_from= (a new run from "
+            "trained weights), not both")
     require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     require(t.stop_after is None or t.stop_after >= 1, f"train.stop_after must be >= 1, got {t.stop_after}")
     require(t.checkpoint_every >= 1, f"train.checkpoint_every must be >= 1, got {t.checkpoint_every}")
@@ -86,23 +91,34 @@ def _check(cfg: DictConfig) -> None:
 
 
 class Diverged(RuntimeError):
-    """Too many consecutive non-finite steps: the run stops, its last good checkpoint intact."""
+    """The run stopped mid-way (non-finite steps, or an error in a step): one line naming the step
+    and the last good checkpoint, which stays intact."""
 
 
-#: what ``resume=`` takes from the checkpoint's config (command-line overrides apply on top)
+#: what ``resume=`` takes from the checkpoint's config (theory and lattice may not change;
+#: explicit train/loss/optim/sched keys on the command line apply on top)
 RESUMED = ("theory", "model", "lattice", "train", "loss", "optim", "sched")
+#: what ``init_from=`` takes (the command line may change couplings and lattice)
+INITIALISED = ("theory", "model", "lattice")
 #: budgets of one invocation, never inherited from the run being resumed
-PER_INVOCATION = ("stop_after", "max_time", "progress")
+PER_INVOCATION = ("stop_after", "max_time", "progress", "eval_samples", "eval_batch_size")
 
 
 def run_train(cfg: DictConfig) -> dict:
-    ck = None
+    ck = init = None
     if cfg.resume:
         # the run continues as it was configured; explicit keys on the command line apply on top
         given = {k: cfg.train[k] for k in PER_INVOCATION}
-        cfg, ck = restore_config(cfg, cfg.resume, "resume", sections=RESUMED)
+        restart_lr = cfg.sched.get("restart_lr")
+        cfg, ck = restore_config(cfg, cfg.resume, "resume", sections=RESUMED, mode="resume")
         for k, v in given.items():
             cfg.train[k] = v
+        if restart_lr is not None:
+            cfg.sched.restart_lr = restart_lr
+    elif cfg.init_from:
+        # a new run (optimizer, schedule, run directory) from trained weights
+        cfg, init = restore_config(cfg, cfg.init_from, "init_from", sections=INITIALISED, mode="target",
+                                   load=("model",))
     _check(cfg)
     t = cfg.train
     max_time = parse_duration(t.max_time, "train.max_time")
@@ -111,27 +127,37 @@ def run_train(cfg: DictConfig) -> dict:
         resolve_device(cfg.device)  # a clear error for an absent cuda/xpu before anything starts
     par = parallel_from_config(cfg)
     try:
-        summary = _train(cfg, ck, par, max_time, dtype)
+        summary = _train(cfg, ck, par, max_time, dtype, init)
         par.barrier()  # no rank tears the process group down while a peer still talks to it
         return summary
     finally:
         par.ctx.shutdown()
 
 
-def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: torch.dtype) -> dict:
+def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: torch.dtype, init=None) -> dict:
     t = cfg.train
     device = par.ctx.device
     run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
     if ck is not None:
-        run_dir = ck.path.parent.parent  # continue the same run
+        inside = ck.path.parent.name == "checkpoints"
+        if inside:
+            run_dir = ck.path.parent.parent  # continue the same run
+        elif par.is_main:
+            print(f"resume={cfg.resume}: not inside a run directory; the run continues in {run_dir}")
     # every rank writes into rank 0's run directory (their Hydra clocks may differ)
     run_dir = pathlib.Path(par.broadcast_object(str(run_dir)))
-    try:
-        batch = par.local_batch(t.batch_size)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    if par.is_main:
+        for p in remove_stale_temporaries(run_dir):
+            print(f"removed {p.name}, left by an interrupted checkpoint write")
+    batch, effective = par.local_batch(t.batch_size)
+    if effective != t.batch_size:
+        if par.is_main:
+            print(f"train.batch_size={t.batch_size} is not a multiple of the {par.replicas} data-parallel replicas: "
+                  f"training with a global batch of {effective} ({batch} per replica)")
+        t.batch_size = effective  # what the config, checkpoints and metrics record
     micro = t.micro_batch_size or batch
-    require(batch % micro == 0, f"train.micro_batch_size={micro} must divide the per-replica batch {batch}")
+    require(batch % micro == 0, f"train.micro_batch_size={micro} must divide the per-replica batch {batch}"
+            + (f" (train.batch_size={t.batch_size} over {par.replicas} replicas)" if par.replicas > 1 else ""))
     require(par.decomp is None or cfg.loss.name != "forward_kl",
             "loss=forward_kl does not support dist.lattice_grid (the ensemble is not decomposed)")
 
@@ -139,10 +165,17 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
         # the initial weights come from torch's global generator: seed it for reproducible runs
         torch.manual_seed(int(cfg.seed))
         theory = theory_from_config(cfg, par.local_shape)
+        resolve_model_config(cfg, theory)  # checkpoints record the architecture in full
         model = model_from_config(cfg, theory, dtype, device)
+        extra = {}
+        if init is not None:
+            _load_init(model, init, cfg.init_from)
+            extra = {"init_from": str(init.path), "init_from_sha256": sha256_file(init.path),
+                     "init_from_step": int(init.step)}
         try:
             model = par.prepare(model, bool(cfg.dist.activation_checkpointing),
-                                _param_dtype(cfg.dist.param_dtype), bool(cfg.dist.reshard_after_forward))
+                                _param_dtype(cfg.dist.param_dtype), bool(cfg.dist.reshard_after_forward),
+                                _param_dtype(cfg.dist.reduce_dtype, "dist.reduce_dtype"))
         except ValueError as err:
             raise UsageError(str(err).splitlines()[0]) from None
         loss_fn = instantiate_node(cfg.loss, "loss")
@@ -178,14 +211,33 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
             sched.resolve(budget=max_time is not None, resumed=ck is not None)
         except ValueError as err:
             raise UsageError(str(err)) from None
-        return _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time)
+        if sched.restarted and par.is_main:
+            lr = opt.param_groups[0]["lr"]
+            print(f"resume: the run's time-planned schedule ended with its last train.max_time; a new cycle "
+                  f"starts at lr {lr:.3g} over " + ("this train.max_time" if max_time is not None
+                                                    else f"the remaining {t.steps - step} train.steps"))
+        return _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time,
+                     extra)
 
 
-def _param_dtype(name) -> torch.dtype | None:
+def _load_init(model, init, spec) -> None:
+    """The weights of checkpoint ``init`` into ``model`` (a new run: nothing else is taken)."""
+    try:
+        if init.path.is_dir():
+            load_sharded(init.path, model, key="init_from")
+        else:
+            model.load_state_dict(init.model)
+    except CheckpointError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise UsageError(f"init_from={spec}: does not fit this model ({str(err).splitlines()[0]})") from None
+
+
+def _param_dtype(name, key: str = "dist.param_dtype") -> torch.dtype | None:
     table = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
              "float64": torch.float64}
     if name not in table:
-        raise UsageError(f"dist.param_dtype must be null, bfloat16, float16, float32 or float64, got {name!r}")
+        raise UsageError(f"{key} must be null, bfloat16, float16, float32 or float64, got {name!r}")
     return table[name]
 
 
@@ -200,13 +252,15 @@ def _restore_rng(gen: torch.Generator, rng: dict, par: Parallel, seed: int, step
         gen.manual_seed(par.seed(seed * 1_000_003 + step))
 
 
-def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time) -> dict:
+def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batch, micro, max_time,
+          extra_attrs=None) -> dict:
     t = cfg.train
     device = par.ctx.device
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     metrics_path = run_dir / "metrics.csv"
     action = theory.action
     last_ck = step if cfg.resume else None
+    extra_attrs = extra_attrs or {}
 
     sharded = par.strategy == "fsdp"
 
@@ -225,12 +279,14 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
             rng = {"sampler": states[0], **{f"sampler_rank{r}": st for r, st in enumerate(states) if r}}
             path = save_checkpoint(run_dir, step, model=model.state_dict(), optim=opt.state_dict(),
                                    sched=sched.state_dict(), rng=rng, theory=theory.name, config=config_yaml,
-                                   keep=t.keep)
+                                   keep=t.keep, attrs=extra_attrs)
         par.barrier()  # the file is complete before any rank goes on (or exits)
         return path
 
     reason, skipped, in_a_row, done_here = "completed", 0, 0, 0
-    t0 = time.monotonic()
+    restart_pending = bool(getattr(sched, "restarted", False))
+    t0 = time.monotonic()  # this invocation's steps (rates); budgets count from JOB_START
+    ck_seconds = 0.0  # the last checkpoint write (kept in reserve before the budget ends)
     show = bool(t.progress) and sys.stdout.isatty() and par.is_main
     last = {}
     if par.is_main:
@@ -246,18 +302,30 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
         writer = csv.DictWriter(fh, fieldnames=METRICS) if fh is not None else None
         if writer is not None and new_file:
             writer.writeheader()
+        elif writer is not None:
+            _check_metrics_header(metrics_path)
+        dt = 0.0
         while step < t.steps:
             if par.any(sigterm()):
                 reason = "SIGTERM"
                 break
-            if par.any(max_time is not None and time.monotonic() - t0 > max_time):
+            # the next step and the checkpoint after it must fit in what is left of the budget
+            if par.any(max_time is not None and time.monotonic() - JOB_START + dt + ck_seconds > max_time):
                 reason = "train.max_time"
                 break
             if t.stop_after is not None and done_here >= t.stop_after:
                 reason = "train.stop_after"
                 break
             ts = time.monotonic()
-            out, norm = _accumulated_step(model, opt, loss_fn, action, batch, micro, gen, t.grad_clip, par)
+            lr = opt.param_groups[0]["lr"]  # the lr this step trains with
+            try:
+                out, norm = _accumulated_step(model, opt, loss_fn, action, batch, micro, gen, t.grad_clip, par)
+            except (RuntimeError, torch.linalg.LinAlgError) as err:
+                if isinstance(err, PeerFailure):
+                    raise
+                good = ck_path(last_ck) if last_ck is not None else "none"
+                raise Diverged(f"training stopped at step {step + 1}: {str(err).strip().splitlines()[0]}; "
+                               f"last good checkpoint: {good}") from None
             if torch.isfinite(norm):
                 opt.step()
                 in_a_row = 0
@@ -270,8 +338,9 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
             if sched.resolved == "time" and max_time is not None and done_here >= 3:
                 # plan for the steps that fit in what is left of the budget at the rate so far
                 # (logging and checkpoints included), by rank 0's clock: replicas must share the lr
-                spent = time.monotonic() - t0
-                fit = par.broadcast_object(step + int(max(0.0, max_time - spent) * done_here / spent))
+                rate = (time.monotonic() - t0) / done_here
+                left = max(0.0, max_time - (time.monotonic() - JOB_START) - ck_seconds)
+                fit = par.broadcast_object(step + int(left / rate))
                 sched.plan(min(t.steps, fit))
             sched.step(out.loss.item())
             dt = time.monotonic() - ts
@@ -281,9 +350,10 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
                                f"loss or gradient (train.max_nonfinite); last good checkpoint: {good}")
             if step % t.log_every == 0 or step == t.steps:
                 row = _metrics(step, out, loss_fn, model, theory, par, gen.device, int(cfg.seed), batch)
-                row.update(lr=opt.param_groups[0]["lr"], grad_norm=float(norm), seconds_per_step=dt,
+                row.update(lr=lr, grad_norm=float(norm), seconds_per_step=dt,
                            samples_per_second=t.batch_size / dt, peak_memory_mb=_peak_mb(device),
-                           nonfinite_skipped=skipped)
+                           nonfinite_skipped=skipped, restart=int(restart_pending))
+                restart_pending = False
                 if writer is not None:
                     writer.writerow(row)
                     fh.flush()
@@ -291,22 +361,44 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
                 last = row
                 bar.advance(f"F={row['free_energy']:.4g} ess={row['ess']:.3f}")
             if step % t.checkpoint_every == 0:
+                tc = time.monotonic()
                 checkpoint()
+                ck_seconds = time.monotonic() - tc
                 last_ck = step
-        if last_ck != step:
+        if reason == "train.max_time":
+            sched.end_plan()  # a budget stop ends a time plan: resuming starts a new cycle
+        if last_ck != step or reason == "train.max_time":
             checkpoint()
         path = ck_path(step)
         if fh is not None:
             fh.flush()
         seconds = time.monotonic() - t0
-        summary = dict(step=step, stop_reason=reason, seconds=seconds, checkpoint=str(path), **_evaluate(
-            model, theory, par, t.eval_samples, batch, cfg.seed, device))
+        if reason == "SIGTERM":
+            # the batch system kills soon after SIGTERM: the checkpoint is written, nothing more
+            evaluation = {"evaluation": "skipped (SIGTERM)"}
+        else:
+            deadline = None if max_time is None else JOB_START + max_time
+            eval_batch = t.eval_batch_size or 4 * batch
+            evaluation = _evaluate(model, theory, par, t.eval_samples, eval_batch, cfg.seed, device, deadline,
+                                   dt * eval_batch / max(batch, 1))
+        summary = dict(step=step, stop_reason=reason, seconds=seconds, checkpoint=str(path), **evaluation)
         if logger.active:
             logger.log_summary(summary)
             logger.log_images(_training_plots(run_dir))
     if par.is_main:
         _report(theory, summary, last, par)
     return summary
+
+
+def _check_metrics_header(path: pathlib.Path) -> None:
+    """A run resumed from an older gaugeflow appends rows under the header it wrote: refuse a
+    header that lacks columns rather than writing rows that do not line up."""
+    with open(path, newline="") as fh:
+        header = next(csv.reader(fh), [])
+    missing = [c for c in METRICS if c not in header]
+    if header and missing:
+        raise UsageError(f"{path}: written by an older gaugeflow (no column {', '.join(missing)}); move it aside "
+                         "to resume")
 
 
 def _training_plots(run_dir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -386,28 +478,62 @@ def _mean_plaquette(theory, samples) -> float:
 
 
 def _peak_mb(device: torch.device) -> float:
+    """Peak memory of this rank in MiB: the accelerator's allocations on cuda and xpu, else the
+    process's peak resident set (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "xpu":
+        return torch.xpu.max_memory_allocated(device) / 2**20
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 @torch.no_grad()
-def _evaluate(model, theory, par: Parallel, n, batch, seed, device) -> dict:
-    """ESS and log Z from ``n`` independent draws (each replica draws its share)."""
+def _evaluate(model, theory, par: Parallel, n, batch, seed, device, deadline: float | None = None,
+              first_estimate: float = 0.0) -> dict:
+    """ESS, Pareto k-hat and log Z from ``n`` independent draws (each replica draws its share, in
+    model calls of ``batch``). With a ``deadline`` (``time.monotonic()``), only the batches that
+    fit are drawn; the summary says how many and why."""
     if n <= 0:
         return {}
     gen = torch.Generator(device=device).manual_seed(_eval_seed(par.seed(int(seed))))
     mine = -(-n // par.replicas)
     lw = []
-    for i in range(0, mine, batch):
-        x, log_q = model.sample(min(batch, mine - i), gen)
+    per_batch = first_estimate
+    done = 0
+    note = None
+    while done < mine:
+        if deadline is not None and par.any(time.monotonic() + per_batch > deadline):
+            note = f"cut to {done * par.replicas} of {n} draws to fit train.max_time" if done else \
+                "skipped: no time left in train.max_time"
+            break
+        tb = time.monotonic()
+        x, log_q = model.sample(min(batch, mine - done), gen)
         lw.append(-theory.action(x).double() - log_q.double())
+        done += x.shape[0]
+        per_batch = time.monotonic() - tb
+    if not lw:
+        return {"evaluation": note}
     lw = par.gather_replicas(torch.cat(lw))
     n = lw.numel()
     log_z, err = log_z_estimate(lw)
-    return dict(ess=effective_sample_size(lw).item(), log_z=log_z, log_z_err=err, eval_samples=n)
+    out = dict(ess=effective_sample_size(lw).item(), log_z=log_z, log_z_err=err, eval_samples=n,
+               **_khat(lw))
+    if note:
+        out["evaluation"] = note
+    return out
+
+
+def _khat(log_w: torch.Tensor) -> dict:
+    """Pareto k-hat of the log weights and the one-line warning when the error bars understate."""
+    from gaugeflow.sampling import weights
+
+    if not hasattr(weights, "weight_diagnostics"):
+        return {}
+    d = weights.weight_diagnostics(log_w)
+    return {"khat": d["khat"], **({"weights_warning": d["warning"]} if d.get("warning") else {})}
 
 
 def _report(theory, summary, last, par: Parallel) -> None:
@@ -415,8 +541,11 @@ def _report(theory, summary, last, par: Parallel) -> None:
     lines = [f"train {theory.name} shape={list(theory.lattice.global_shape)}{where}: step {summary['step']} in "
              f"{summary['seconds']:.1f} s" + ("" if summary["stop_reason"] == "completed"
                                                else f" (stopped by {summary['stop_reason']})")]
+    if summary.get("evaluation"):
+        lines.append(f"  evaluation: {summary['evaluation']}")
     if "ess" in summary:
-        lines.append(f"  ESS (independent draws, n={summary['eval_samples']})  {summary['ess']:.4f}")
+        lines.append(f"  ESS (independent draws, n={summary['eval_samples']})  {summary['ess']:.4f}"
+                     + (f"   Pareto k-hat {summary['khat']:.2f}" if "khat" in summary else ""))
         exact = reference_values(theory).get("log_z")
         lines.append(f"  log Z estimate                      {summary['log_z']:.6g} +- {summary['log_z_err']:.2g}"
                      + (f"   exact {exact:.6g}" if exact is not None else ""))
@@ -424,6 +553,8 @@ def _report(theory, summary, last, par: Parallel) -> None:
         lines.append(f"  free-energy bound F_q (last batch)  {last['free_energy']:.6g}")
     lines.append(f"  checkpoint                          {summary['checkpoint']}")
     print("\n".join(lines))
+    if summary.get("weights_warning"):
+        print(f"warning: {summary['weights_warning']}", file=sys.stderr)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -333,4 +333,7 @@ def main_only_hydra_overrides(rank: int) -> list[str]:
     """
     if rank == 0:
         return []
-    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    # Hydra creates its run directory on every rank (a timestamped one per rank clock): point it
+    # at the working directory, which exists; jobs take rank 0's run directory by broadcast
+    return ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+            "hydra.run.dir=."]

@@ -78,6 +78,7 @@ class DistConf:
     lattice_grid: Optional[List[int]] = None  # ranks per lattice axis (domain decomposition); null: none
     activation_checkpointing: bool = False  # recompute each coupling layer's activations in backward
     param_dtype: Optional[str] = None  # fsdp mixed precision of the networks: bfloat16 | float32 | null
+    reduce_dtype: Optional[str] = "float32"  # fsdp mixed precision: dtype of the gradient reduce-scatter
     reshard_after_forward: bool = True  # fsdp: free gathered parameters after each layer (ZeRO-3)
 
 

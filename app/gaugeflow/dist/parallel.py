@@ -78,21 +78,29 @@ class Parallel:
         with decomposed(self.decomp):
             yield
 
-    def local_batch(self, batch: int, key: str = "train.batch_size") -> int:
-        """This replica's share of a global batch (which the replicas must divide)."""
-        if batch % self.replicas:
-            raise ValueError(f"{key}={batch} must be a multiple of the {self.replicas} data-parallel replicas")
-        return batch // self.replicas
+    def local_batch(self, batch: int) -> tuple[int, int]:
+        """This replica's share of a global batch and the effective global batch.
+
+        A global batch that the replicas do not divide is rounded up to the next multiple (12
+        ranks per Aurora node must not turn a default of 256 into an error after the queue wait):
+        returns ``(ceil(batch / replicas), replicas * ceil(batch / replicas))``.
+        """
+        per = -(-int(batch) // self.replicas)
+        return per, per * self.replicas
 
     def prepare(self, model: torch.nn.Module, activation_checkpointing: bool = False,
-                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> torch.nn.Module:
+                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+                reduce_dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
         """One initialisation on every rank, then FSDP2 sharding (``fsdp``) or activation checkpointing.
-        Build the optimizer afterwards."""
+        Build the optimizer afterwards. ``reduce_dtype`` applies under mixed precision
+        (``param_dtype``): bfloat16 gradient sums lose the small updates, so float32 by default;
+        without it gradients are reduced in the model's dtype."""
         self.broadcast_parameters(model)
         if self.strategy == "fsdp":
             from gaugeflow.dist.fsdp import shard_flow_model
 
             return shard_flow_model(model, reshard_after_forward=reshard_after_forward, param_dtype=param_dtype,
+                                    reduce_dtype=reduce_dtype if param_dtype is not None else None,
                                     activation_checkpointing=activation_checkpointing)
         if param_dtype is not None:
             raise ValueError("dist.param_dtype (mixed precision) needs dist.strategy=fsdp")

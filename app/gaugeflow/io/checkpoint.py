@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,8 +53,13 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> pathlib.Path:
 
 
 def save_checkpoint(run_dir, step: int, *, model: dict, optim: dict | None = None, sched: dict | None = None,
-                    rng: dict | None = None, theory: str = "", config: str = "", keep: int | None = None) -> pathlib.Path:
-    """Write a checkpoint atomically; with ``keep`` remove all but the newest ``keep`` ones."""
+                    rng: dict | None = None, theory: str = "", config: str = "", keep: int | None = None,
+                    attrs: dict | None = None) -> pathlib.Path:
+    """Write a checkpoint atomically; with ``keep`` remove all but the newest ``keep`` ones.
+
+    ``attrs``: further file attributes (UTF-8 strings or numbers), e.g. the provenance of the
+    weights a run started from.
+    """
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -64,6 +70,8 @@ def save_checkpoint(run_dir, step: int, *, model: dict, optim: dict | None = Non
             f.attrs["step"] = int(step)
             f.attrs["theory"] = str(theory)
             f.attrs["config"] = str(config)
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = v
             for name, content in zip(SECTIONS, (model, optim or {}, sched or {}, rng or {})):
                 write_tree(f.create_group(name), content)
         os.replace(tmp, path)
@@ -74,6 +82,29 @@ def save_checkpoint(run_dir, step: int, *, model: dict, optim: dict | None = Non
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return path
+
+
+_TEMP = re.compile(r"^\.step_\d{8}(\.h5)?\.tmp-")
+
+
+def remove_stale_temporaries(run_dir) -> list[pathlib.Path]:
+    """Remove what interrupted checkpoint writes of this run left (``checkpoints/.step_*.tmp-*``).
+
+    A write killed with -9 cannot clean up after itself; call this at the start of a job that
+    owns ``run_dir`` (no other writer of this run is alive then). Returns what was removed.
+    """
+    d = pathlib.Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    gone = []
+    for p in d.iterdir():
+        if _TEMP.match(p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def list_checkpoints(run_dir) -> list[pathlib.Path]:
