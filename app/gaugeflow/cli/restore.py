@@ -242,7 +242,7 @@ def restore_model(cfg: DictConfig, theory, ck: Checkpoint, device: torch.device,
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     except (RuntimeError, KeyError, ValueError) as err:
-        raise UsageError(f"{where}: does not fit this model ({_first_line(err)})") from None
+        raise UsageError(f"{where}: does not fit this model ({state_dict_mismatch(err)})") from None
     model.eval()
     model.requires_grad_(False)
     return model
@@ -267,6 +267,16 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def state_dict_mismatch(err: BaseException, limit: int = 240) -> str:
+    """One line saying why weights do not load: torch's first line is only a header
+    ("Error(s) in loading state_dict for ...:"), the reason is on the next."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _command_line() -> list[str]:

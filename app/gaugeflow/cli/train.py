@@ -27,7 +27,7 @@ from gaugeflow.cli.common import (
 )
 from gaugeflow.cli.build import model_from_config, parallel_from_config, resolve_model_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
-from gaugeflow.cli.restore import restore_config, sha256_file
+from gaugeflow.cli.restore import restore_config, sha256_file, state_dict_mismatch
 from gaugeflow.exact import reference_values
 from gaugeflow.dist.init import PeerFailure
 from gaugeflow.dist.parallel import Parallel
@@ -170,7 +170,7 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
         extra = {}
         if init is not None:
             _load_init(model, init, cfg.init_from)
-            extra = {"init_from": str(init.path), "init_from_sha256": sha256_file(init.path),
+            extra = {"init_from": str(init.path.resolve()), "init_from_sha256": sha256_file(init.path),
                      "init_from_step": int(init.step)}
         try:
             model = par.prepare(model, bool(cfg.dist.activation_checkpointing),
@@ -195,7 +195,7 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
             except CheckpointError as err:
                 raise UsageError(str(err).splitlines()[0]) from None
             except (RuntimeError, KeyError, ValueError, TypeError) as err:
-                raise UsageError(f"resume={ck.path}: does not fit this run ({str(err).splitlines()[0]})") from None
+                raise UsageError(f"resume={ck.path}: does not fit this run ({state_dict_mismatch(err)})") from None
             step = sc.step
             _restore_rng(gen, sc.rng or {}, par, int(cfg.seed), step, own=True)
         elif ck is not None:
@@ -204,7 +204,7 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
                 opt.load_state_dict(ck.optim)
                 sched.load_state_dict(ck.sched)
             except (RuntimeError, KeyError, ValueError, TypeError) as err:
-                raise UsageError(f"resume={ck.path}: does not fit this model ({str(err).splitlines()[0]})") from None
+                raise UsageError(f"resume={ck.path}: does not fit this model ({state_dict_mismatch(err)})") from None
             step = ck.step
             _restore_rng(gen, ck.rng, par, int(cfg.seed), step)
         try:
@@ -230,7 +230,7 @@ def _load_init(model, init, spec) -> None:
     except CheckpointError as err:
         raise UsageError(str(err).splitlines()[0]) from None
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise UsageError(f"init_from={spec}: does not fit this model ({str(err).splitlines()[0]})") from None
+        raise UsageError(f"init_from={spec}: does not fit this model ({state_dict_mismatch(err)})") from None
 
 
 def _param_dtype(name, key: str = "dist.param_dtype") -> torch.dtype | None:
