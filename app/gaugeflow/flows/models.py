@@ -28,6 +28,24 @@ def default_kind(theory: Theory) -> str:
     return "u1_equivariant" if theory.group.N == 1 else "sun_spectral"
 
 
+def resolve_architecture(theory: Theory, kind: str | None = None, n_layers: int | None = None,
+                         hidden: Sequence[int] | None = None) -> tuple[str, int, tuple[int, ...]]:
+    """The ``(kind, n_layers, hidden)`` that :func:`build_flow_model` builds for these keys (null
+    keys take the defaults for ``theory``). Checkpoints record them resolved, so a run reloads
+    with the architecture it trained whatever later defaults become."""
+    kind = kind or default_kind(theory)
+    if kind not in KINDS:
+        raise ValueError(f"model.kind must be one of {list(KINDS)}, got {kind!r}")
+    if n_layers is None:
+        d = theory.lattice.ndim
+        n_layers = 16 if (not theory.is_gauge or d == 2) else 8 * d
+    if n_layers < 1:
+        raise ValueError(f"model.n_layers must be >= 1, got {n_layers}")
+    if hidden is None:
+        hidden = (8, 8) if kind == "u1_equivariant" else (32, 32)
+    return kind, int(n_layers), tuple(int(h) for h in hidden)
+
+
 def build_flow_model(
     theory: Theory,
     kind: str | None = None,
@@ -51,19 +69,9 @@ def build_flow_model(
     U(1) couplings (Kanwar et al. 2003.06413; wider nets train no better per second on a CPU,
     docs/flows.md), [32, 32] otherwise.
     """
-    kind = kind or default_kind(theory)
-    if kind not in KINDS:
-        raise ValueError(f"model.kind must be one of {list(KINDS)}, got {kind!r}")
-    if n_layers is None:
-        d = theory.lattice.ndim
-        n_layers = 16 if (not theory.is_gauge or d == 2) else 8 * d
-    if n_layers < 1:
-        raise ValueError(f"model.n_layers must be >= 1, got {n_layers}")
+    kind, n_layers, hidden = resolve_architecture(theory, kind, n_layers, hidden)
     shape = theory.lattice.shape
     d = theory.lattice.ndim
-    if hidden is None:
-        hidden = (8, 8) if kind == "u1_equivariant" else (32, 32)
-    hidden = tuple(int(h) for h in hidden)
 
     def net(c_in: int, c_out: int) -> ConvNet:
         return ConvNet(c_in, c_out, hidden, kernel_size, d, activation=activation, zero_init=zero_init)

@@ -8,7 +8,20 @@ Layout (a contract):
   ``plaquette``, ``accepted``, ``log_q``, ``log_p`` (= -S), and any further measurement;
 * file attributes: ``theory`` (preset name), ``group``, ``beta`` and the other action
   parameters, ``shape`` (integer array), ``config`` (resolved YAML), ``gaugeflow_version``,
-  ``git_sha``, ``created``, ``seed``; strings are UTF-8 ``str``.
+  ``git_sha``, ``created``, ``seed``; strings are UTF-8 ``str``;
+* optionally a group ``chain_state`` (a Markov chain's state after its last step, what a
+  continuation starts from): dataset ``fields`` (the configurations after the last
+  trajectory, with the batch axis, whether or not they were written to the ensemble),
+  dataset ``rng_state`` (uint8, ``torch.Generator.get_state()``), and attributes
+  (``rng_device``, ``n_traj_chain``, ...).
+
+Chunking: the configuration dataset is stored in chunks of many configurations (about
+:data:`CHUNK_BYTES` each, never fewer than one configuration, and not more than the
+expected number of configurations when the writer is told it); per-configuration datasets
+in chunks of up to :data:`COLUMN_CHUNK` values. Appended configurations are buffered and
+written one whole chunk at a time. Optional compression (:func:`parse_compression`):
+``gzip``, ``gzip:<level>`` or ``lzf``, with the shuffle filter; all are built into every
+h5py, so plain h5py reads the files.
 
 Files are written under a temporary name in the target directory and renamed when
 complete, so a killed job never leaves a truncated file under the final name.
@@ -16,6 +29,7 @@ complete, so a killed job never leaves a truncated file under the final name.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from dataclasses import dataclass, field
@@ -28,6 +42,14 @@ import torch
 from gaugeflow.io.provenance import provenance
 
 FIELD_DATASETS = ("links", "phi")
+#: HDF5 group holding a chain's state after its last step (fields and random-number state)
+CHAIN_STATE = "chain_state"
+#: target size of one chunk of the configuration dataset (bytes, before compression)
+CHUNK_BYTES = 2 << 20
+#: most values in one chunk of a per-configuration dataset
+COLUMN_CHUNK = 1 << 14
+#: gzip level of ``gzip`` without one
+DEFAULT_GZIP_LEVEL = 4
 
 
 class EnsembleError(ValueError):
@@ -44,57 +66,165 @@ def _attr_value(v: Any) -> Any:
     return v
 
 
+def parse_compression(spec: Any, key: str = "compression") -> tuple[str | None, int | None]:
+    """``(filter, level)`` for h5py from a compression setting; ``ValueError`` naming ``key`` otherwise.
+
+    ``None`` (or ``"none"``, ``""``): no compression. ``"gzip"``: deflate at level
+    :data:`DEFAULT_GZIP_LEVEL`; ``"gzip:<0-9>"``: deflate at that level. ``"lzf"``: h5py's
+    fast LZF filter (no level).
+    """
+    if spec is None or str(spec).strip().lower() in ("", "none", "null", "false"):
+        return None, None
+    text = str(spec).strip().lower()
+    name, colon, level = text.partition(":")
+    if name == "lzf" and not colon:
+        return "lzf", None
+    if name == "gzip":
+        if not colon:
+            return "gzip", DEFAULT_GZIP_LEVEL
+        if level.isdigit() and 0 <= int(level) <= 9:
+            return "gzip", int(level)
+    raise ValueError(f"{key} must be null, gzip, gzip:<level 0-9> or lzf, got {spec!r}")
+
+
+def chunk_length(field_shape, field_dtype: torch.dtype, expected: int | None = None) -> int:
+    """Configurations per chunk: about :data:`CHUNK_BYTES`, at least 1, at most ``expected``."""
+    nbytes = max(1, math.prod(int(s) for s in field_shape) * _np_dtype(field_dtype).itemsize)
+    n = max(1, CHUNK_BYTES // nbytes)
+    if expected is not None:
+        n = min(n, max(1, int(expected)))
+    return n
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    # no torch factory call: this must not depend on torch's default device
+    table = {torch.float32: np.float32, torch.float64: np.float64, torch.complex64: np.complex64,
+             torch.complex128: np.complex128, torch.float16: np.float16, torch.int64: np.int64,
+             torch.int32: np.int32, torch.bool: np.bool_, torch.uint8: np.uint8}
+    if dtype not in table:
+        raise ValueError(f"no HDF5 dataset type for {dtype}")
+    return np.dtype(table[dtype])
+
+
 class EnsembleWriter:
     """Append configurations and per-configuration data to an ensemble, atomically.
 
     Use as a context manager: on normal exit (or :meth:`close`) the file gets its
     final name; on an exception the temporary file is removed.
+
+    ``chunk``: configurations per HDF5 chunk (default :func:`chunk_length` of ``expected``,
+    the number of configurations the caller expects to write, if known);
+    ``compression``: ``None``, ``"gzip"``, ``"gzip:<level>"`` or ``"lzf"``
+    (:func:`parse_compression`), applied to every dataset.
     """
 
     def __init__(self, path: str | os.PathLike, field_name: str, field_shape, field_dtype: torch.dtype,
-                 attrs: dict[str, Any], chunk: int = 1):
+                 attrs: dict[str, Any], chunk: int | None = None, compression: str | None = None,
+                 expected: int | None = None):
         if field_name not in FIELD_DATASETS:
             raise ValueError(f"field dataset must be one of {FIELD_DATASETS}, got {field_name!r}")
+        self.compression, self.compression_level = parse_compression(compression)
+        shape = tuple(int(s) for s in field_shape)
+        self.chunk = int(chunk) if chunk is not None else chunk_length(shape, field_dtype, expected)
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.column_chunk = max(1, min(COLUMN_CHUNK, int(expected) if expected else COLUMN_CHUNK))
         self.path = pathlib.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.file = h5py.File(self.tmp, "w")
         for k, v in {**provenance(), **attrs}.items():
             self.file.attrs[k] = _attr_value(v)
-        np_dtype = torch.empty(0, dtype=field_dtype).numpy().dtype
-        shape = tuple(field_shape)
+        if compression is not None and self.compression is not None:
+            self.file.attrs["compression"] = str(compression)
+        self.field_shape = shape
         self.field = self.file.create_dataset(
-            field_name, shape=(0, *shape), maxshape=(None, *shape), dtype=np_dtype, chunks=(chunk, *shape)
+            field_name, shape=(0, *shape), maxshape=(None, *shape), dtype=_np_dtype(field_dtype),
+            chunks=(self.chunk, *shape), **self._filters()
         )
         self.columns: dict[str, h5py.Dataset] = {}
-        self.n = 0
+        self._column_names: list[str] | None = None
+        self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self._pending_n = 0
+        self.n = 0  # configurations appended (written or still buffered)
+        self.written = 0  # configurations in the file
+
+    def _filters(self) -> dict[str, Any]:
+        if self.compression is None:
+            return {}
+        return {"compression": self.compression, "compression_opts": self.compression_level, "shuffle": True}
 
     def append(self, fields: torch.Tensor, **columns: torch.Tensor | np.ndarray | float) -> None:
-        """Append a batch ``(b, ...)`` of configurations with their per-configuration values."""
+        """Append a batch ``(b, ...)`` of configurations with their per-configuration values.
+
+        Every call passes the same columns (a new one after the first call is an error).
+        """
         arr = fields.detach().cpu().numpy()
         b = arr.shape[0]
-        self.field.resize(self.n + b, axis=0)
-        self.field[self.n:] = arr
+        if tuple(arr.shape[1:]) != self.field_shape:
+            raise ValueError(f"configurations of shape {tuple(arr.shape[1:])}, the ensemble holds {self.field_shape}")
+        cols = {}
         for name, val in columns.items():
-            v = np.asarray(val.detach().cpu().numpy() if torch.is_tensor(val) else val).reshape(b)
-            if name not in self.columns:
-                if self.n:
-                    raise ValueError(f"column {name!r} appeared after {self.n} configurations")
-                self.columns[name] = self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=v.dtype)
-            ds = self.columns[name]
-            ds.resize(self.n + b, axis=0)
-            ds[self.n:] = v
+            cols[name] = np.asarray(val.detach().cpu().numpy() if torch.is_tensor(val) else val).reshape(b)
+        if self._column_names is None:
+            self._column_names = list(cols)
+        elif set(cols) != set(self._column_names):
+            new = sorted(set(cols) - set(self._column_names))
+            if new:
+                raise ValueError(f"column {new[0]!r} appeared after {self.n} configurations")
+            missing = sorted(set(self._column_names) - set(cols))
+            raise ValueError(f"columns {missing} missing after {self.n} configurations")
+        self._pending.append((arr, cols))
+        self._pending_n += b
         self.n += b
+        if self._pending_n >= self.chunk:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        if not self._pending:
+            return
+        arr = np.concatenate([a for a, _ in self._pending]) if len(self._pending) > 1 else self._pending[0][0]
+        b, n0 = arr.shape[0], self.written
+        self.field.resize(n0 + b, axis=0)
+        self.field[n0:] = arr
+        for name in self._column_names or []:
+            v = np.concatenate([c[name] for _, c in self._pending])
+            if name not in self.columns:
+                self.columns[name] = self.file.create_dataset(
+                    name, shape=(0,), maxshape=(None,), dtype=v.dtype, chunks=(self.column_chunk,), **self._filters()
+                )
+            ds = self.columns[name]
+            ds.resize(n0 + b, axis=0)
+            ds[n0:] = v
+        self.written = n0 + b
+        self._pending, self._pending_n = [], 0
 
     def set_attrs(self, **attrs: Any) -> None:
         for k, v in attrs.items():
             self.file.attrs[k] = _attr_value(v)
 
+    def set_chain_state(self, fields: torch.Tensor, rng_state: torch.Tensor | None = None, **attrs: Any) -> None:
+        """Record the chain's state after its last step (group :data:`CHAIN_STATE`), replacing any earlier one.
+
+        ``fields``: the current configurations ``(b, ...)``; ``rng_state``: the generator's
+        ``get_state()`` (uint8); ``attrs``: e.g. ``rng_device``, ``n_traj_chain``.
+        """
+        if CHAIN_STATE in self.file:
+            del self.file[CHAIN_STATE]
+        grp = self.file.create_group(CHAIN_STATE)
+        grp.create_dataset("fields", data=fields.detach().cpu().numpy())
+        if rng_state is not None:
+            grp.create_dataset("rng_state", data=rng_state.detach().cpu().numpy().astype(np.uint8))
+        for k, v in attrs.items():
+            grp.attrs[k] = _attr_value(v)
+
     def flush(self) -> None:
+        self._write_pending()
         self.file.flush()
 
     def close(self) -> pathlib.Path:
         """Finish the file and move it to its final name."""
+        self._write_pending()
         self.file.attrs["n_cfg"] = self.n
         self.file.close()
         os.replace(self.tmp, self.path)
@@ -194,3 +324,27 @@ def read_ensemble(path: str | os.PathLike, load_fields: bool = True, last_only: 
     except (OSError, KeyError, ValueError) as err:
         raise EnsembleError(f"{path}: unreadable ensemble ({err})") from None
     return Ensemble(path, attrs, name, n, fields, columns)
+
+
+@dataclass
+class ChainState:
+    """A chain's state after its last step, as :meth:`EnsembleWriter.set_chain_state` stored it."""
+
+    fields: np.ndarray
+    rng_state: np.ndarray | None
+    attrs: dict[str, Any]
+
+
+def read_chain_state(path: str | os.PathLike) -> ChainState | None:
+    """The :data:`CHAIN_STATE` group of an ensemble file, or None when the file has none
+    (files written before it existed, or by samplers without a chain to continue)."""
+    path = pathlib.Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            grp = f.get(CHAIN_STATE)
+            if not isinstance(grp, h5py.Group) or "fields" not in grp:
+                return None
+            rng = grp["rng_state"][()] if "rng_state" in grp else None
+            return ChainState(grp["fields"][()], rng, {k: _decode(v) for k, v in grp.attrs.items()})
+    except (OSError, KeyError, ValueError) as err:
+        raise EnsembleError(f"{path}: unreadable chain state ({err})") from None

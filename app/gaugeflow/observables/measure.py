@@ -6,12 +6,20 @@ import torch
 
 from gaugeflow.groups import Group
 
+#: Wilson-flow step of the measurements. Lüscher's RK3 integrator has a local error
+#: O(eps^4): at eps = 0.05 the flowed clover charge differs from eps = 0.01 by ~1e-6
+#: (tests/test_observables.py), far below its integer spacing, at a fifth of the cost.
+FLOW_STEP = 0.05
 
-def measure_gauge(links: torch.Tensor, group: Group, flow_time: float = 0.0) -> dict[str, torch.Tensor]:
+
+def measure_gauge(
+    links: torch.Tensor, group: Group, flow_time: float = 0.0, flow_step: float = FLOW_STEP
+) -> dict[str, torch.Tensor]:
     """Mean plaquette, and the topological charge where the theory has one.
 
     2d U(1): the geometric (integer) charge; 4d: the clover charge after Wilson flow
-    to ``flow_time`` (0 = unsmoothed). Other cases carry no charge entry.
+    to ``flow_time`` in steps of at most ``flow_step`` (0 = unsmoothed; the theory
+    presets' ``default_flow_time`` is the jobs' default). Other cases carry no charge entry.
     """
     from gaugeflow.observables.topology import topological_charge
     from gaugeflow.observables.wilson import mean_plaquette
@@ -19,7 +27,7 @@ def measure_gauge(links: torch.Tensor, group: Group, flow_time: float = 0.0) -> 
     out = {"plaquette": mean_plaquette(links)}
     d = links.shape[1]
     if (d == 2 and group.N == 1) or d == 4:
-        out["topological_charge"] = topological_charge(links, flow_time=flow_time)
+        out["topological_charge"] = topological_charge(links, flow_time=flow_time, eps=flow_step, group=group)
     return out
 
 

@@ -44,17 +44,26 @@ class Theory:
             return torch.complex64 if precision == torch.float32 else torch.complex128
         return precision
 
-    def start(self, batch: int, how: str = "hot", generator=None, precision=torch.float64) -> torch.Tensor:
-        """Initial configurations: ``cold`` (identity links / zero field) or ``hot`` (Haar / Gaussian)."""
+    def start(
+        self, batch: int, how: str = "hot", generator=None, precision=torch.float64, device=None
+    ) -> torch.Tensor:
+        """Initial configurations: ``cold`` (identity links / zero field) or ``hot`` (Haar / Gaussian).
+
+        The fields live on ``device``; without one, on the generator's device (a chain whose
+        generator is on an accelerator starts there), and only without either on torch's
+        default device.
+        """
         dtype = self.field_dtype(precision)
+        if device is None and generator is not None:
+            device = generator.device
         if how == "cold":
             if self.is_gauge:
-                return self.group.identity((batch, self.lattice.ndim, *self.lattice.shape), dtype=dtype)
-            return torch.zeros(self.field_shape(batch), dtype=dtype)
+                return self.group.identity((batch, self.lattice.ndim, *self.lattice.shape), dtype=dtype, device=device)
+            return torch.zeros(self.field_shape(batch), dtype=dtype, device=device)
         if how == "hot":
             if self.is_gauge:
-                return self.group.random((batch, self.lattice.ndim, *self.lattice.shape), generator, dtype)
-            return torch.randn(self.field_shape(batch), generator=generator, dtype=dtype)
+                return self.group.random((batch, self.lattice.ndim, *self.lattice.shape), generator, dtype, device)
+            return torch.randn(self.field_shape(batch), generator=generator, dtype=dtype, device=device)
         raise ValueError(f"hmc.start must be 'hot' or 'cold', got {how!r}")
 
     def force(self, fields: torch.Tensor, method: str = "analytic") -> torch.Tensor:
@@ -74,12 +83,19 @@ class Theory:
             return -g
         return -self.action.grad(fields)
 
-    def measure(self, fields: torch.Tensor, flow_time: float = 0.0) -> dict[str, torch.Tensor]:
-        """Per-configuration standard observables of this theory (see :mod:`gaugeflow.observables.measure`)."""
-        from gaugeflow.observables.measure import measure_gauge, measure_scalar
+    def measure(
+        self, fields: torch.Tensor, flow_time: float = 0.0, flow_step: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-configuration standard observables of this theory (see :mod:`gaugeflow.observables.measure`).
+
+        ``flow_time``: Wilson-flow time of the 4d topological charge (the presets'
+        ``theory.default_flow_time`` is what jobs pass); ``flow_step``: its step
+        (default :data:`gaugeflow.observables.measure.FLOW_STEP`).
+        """
+        from gaugeflow.observables.measure import FLOW_STEP, measure_gauge, measure_scalar
 
         if self.is_gauge:
-            return measure_gauge(fields, self.group, flow_time)
+            return measure_gauge(fields, self.group, flow_time, FLOW_STEP if flow_step is None else flow_step)
         return measure_scalar(fields)
 
     def attributes(self) -> dict[str, Any]:
@@ -88,6 +104,48 @@ class Theory:
         out["group"] = self.group.name if self.group is not None else "none"
         out.update(self.params)
         return out
+
+    def differences(self, attrs: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+        """``(key, value in attrs, value of this theory)`` for every entry of :meth:`attributes`
+        that ``attrs`` (e.g. an ensemble file's attributes) lacks or holds with another value.
+
+        Keys are named as a user sets them: ``theory`` (the preset name), ``lattice.shape``,
+        ``theory.<parameter>`` (group, kind, beta, action, c0, c1, m2, lam, kappa, lam_tilde,
+        form, and any coupling a theory records). Numbers compare exactly: a file written by
+        this theory holds the same float64 values.
+        """
+        out = []
+        for key, mine in self.attributes().items():
+            name = {"theory": "theory", "shape": "lattice.shape"}.get(key, f"theory.{key}")
+            theirs = attrs.get(key, MISSING_ATTR)
+            if not _same_value(theirs, mine):
+                out.append((name, theirs, mine))
+        return out
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+#: what :meth:`Theory.differences` reports for a parameter the attributes do not hold
+MISSING_ATTR = _Missing()
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if a is MISSING_ATTR:
+        return False
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        a, b = list(a) if isinstance(a, (list, tuple)) else [a], list(b) if isinstance(b, (list, tuple)) else [b]
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, bytes):
+        a = a.decode("utf-8")
+    if isinstance(a, str) or isinstance(b, str):
+        return str(a) == str(b)
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return a == b
 
 
 def build_theory(cfg: Mapping[str, Any], shape) -> Theory:
