@@ -218,3 +218,30 @@ def test_default_training_on_any_number_of_ranks(tmp_path, n):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs"]
     saved = OmegaConf.create(load_checkpoint(runs[0]).config)
     assert saved.train.batch_size == want  # the effective global batch is what the run records
+
+
+def test_fsdp_mixed_precision_reduces_gradients_in_float32_by_default(monkeypatch):
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from gaugeflow.cli.common import CONFIG_DIR
+    from gaugeflow.cli.train import _param_dtype
+    from gaugeflow.dist import fsdp
+    from gaugeflow.dist.parallel import Parallel
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["dist=fsdp", "dist.param_dtype=bfloat16"])
+    assert cfg.dist.reduce_dtype == "float32"
+
+    class Ctx:  # a two-rank layout without a process group: only the arguments are checked
+        is_distributed, rank, world_size = True, 0, 2
+
+    seen = {}
+    monkeypatch.setattr(fsdp, "shard_flow_model", lambda model, **kw: seen.update(kw) or model)
+    par = Parallel(Ctx(), [4, 4], None, "fsdp")
+    monkeypatch.setattr(par, "broadcast_parameters", lambda model: None)
+    par.prepare(torch.nn.Linear(2, 2), False, _param_dtype(cfg.dist.param_dtype),
+                True, _param_dtype(cfg.dist.reduce_dtype, "dist.reduce_dtype"))
+    assert seen["param_dtype"] == torch.bfloat16 and seen["reduce_dtype"] == torch.float32
+    par.prepare(torch.nn.Linear(2, 2), False, None, True, torch.float32)  # no mixed precision: the model's dtype
+    assert seen["param_dtype"] is None and seen["reduce_dtype"] is None
