@@ -15,6 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from gaugeflow.io.checkpoint import load_checkpoint
+from gaugeflow.io.tree import read_tree, write_tree
 from test_train_distributed import launch
 
 ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -245,3 +246,26 @@ def test_fsdp_mixed_precision_reduces_gradients_in_float32_by_default(monkeypatc
     assert seen["param_dtype"] == torch.bfloat16 and seen["reduce_dtype"] == torch.float32
     par.prepare(torch.nn.Linear(2, 2), False, None, True, torch.float32)  # no mixed precision: the model's dtype
     assert seen["param_dtype"] is None and seen["reduce_dtype"] is None
+
+
+def test_a_run_written_before_resolved_architectures_and_cycles_resumes(tmp_path):
+    ok(gaugeflow(*SMALL, "model.hidden=null", "train.stop_after=2", "hydra.run.dir=run", cwd=tmp_path))
+    path = load_checkpoint(tmp_path / "run").path
+    with h5py.File(path, "r+") as f:  # as an older gaugeflow wrote it
+        f.attrs["config"] = f.attrs["config"].replace("hidden:\n  - 8\n  - 8\n", "hidden: null\n")
+        state = read_tree(f["sched"])
+        old = {k: state[k] for k in ("lambda_lr", "total", "horizon")}  # before cycles existed
+        del f["sched"]
+        write_tree(f.create_group("sched"), old)
+    assert "hidden: null" in load_checkpoint(path).config
+    metrics = tmp_path / "run" / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")  # no restart column
+    ok(gaugeflow(*SMALL, "model.hidden=null", "resume=run", "train.stop_after=1", "hydra.run.dir=x", cwd=tmp_path))
+    got = rows(tmp_path / "run")
+    assert [x["step"] for x in got] == ["1", "2", "3"] and [x["restart"] for x in got] == ["", "", "0"]
+    # a checkpoint whose weights do not fit names what is missing, in one line
+    with h5py.File(load_checkpoint(tmp_path / "run").path, "r+") as f:
+        del f["model"]["flow.layers.0.net.net.0.weight"]
+    line = one_line_error(gaugeflow(*SMALL, "model.hidden=null", "resume=run", "hydra.run.dir=x", cwd=tmp_path))
+    assert "flow.layers.0.net.net.0.weight" in line

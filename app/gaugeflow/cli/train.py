@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import os
 import pathlib
 import sys
 import time
@@ -292,6 +293,8 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
     if par.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     new_file = not metrics_path.exists()
+    if par.is_main and not new_file:
+        _check_metrics_header(metrics_path)
     logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), rank=par.rank,
                           job_type="train")
     with contextlib.ExitStack() as stack:
@@ -302,8 +305,6 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
         writer = csv.DictWriter(fh, fieldnames=METRICS) if fh is not None else None
         if writer is not None and new_file:
             writer.writeheader()
-        elif writer is not None:
-            _check_metrics_header(metrics_path)
         dt = 0.0
         while step < t.steps:
             if par.any(sigterm()):
@@ -391,14 +392,20 @@ def _loop(cfg, par, theory, model, loss_fn, opt, sched, gen, step, run_dir, batc
 
 
 def _check_metrics_header(path: pathlib.Path) -> None:
-    """A run resumed from an older gaugeflow appends rows under the header it wrote: refuse a
-    header that lacks columns rather than writing rows that do not line up."""
+    """A run resumed from an older gaugeflow: rewrite its metrics.csv (atomically) under today's
+    header, columns it lacked left empty, so that appended rows line up."""
     with open(path, newline="") as fh:
+        old = list(csv.DictReader(fh))
+        fh.seek(0)
         header = next(csv.reader(fh), [])
-    missing = [c for c in METRICS if c not in header]
-    if header and missing:
-        raise UsageError(f"{path}: written by an older gaugeflow (no column {', '.join(missing)}); move it aside "
-                         "to resume")
+    if not header or header == METRICS:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=METRICS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(old)
+    os.replace(tmp, path)
 
 
 def _training_plots(run_dir: pathlib.Path) -> dict[str, pathlib.Path]:
