@@ -150,3 +150,28 @@ def test_hmc_job_under_meta_default(name, tmp_path, meta_default, capsys):
         field = f["links" if "links" in f else "phi"]
         assert field.shape[0] == 2 and np.isfinite(np.abs(field[()])).all()
         assert f.attrs["continued_from"] == str(tmp_path / "a.h5")
+
+
+@pytest.mark.parametrize("name", ["u1_2d", "su2_2d", "phi4_2d"])
+def test_training_step_metrics_and_evaluation_on_the_generators_device(name, meta_default):
+    # the train job's loop pieces: a step with gradient accumulation, its metrics row and the
+    # end-of-run evaluation (the model is built on the CPU first, as a job builds it before .to(device))
+    from gaugeflow.cli.train import _accumulated_step, _evaluate, _metrics
+    from gaugeflow.dist.init import DistContext
+    from gaugeflow.dist.parallel import Parallel
+    from gaugeflow.train.losses import ReverseKL
+
+    cfg = preset(name)
+    with torch.device("cpu"):
+        theory = build_theory(cfg, tiny_shape(cfg))
+        model = build_flow_model(theory, n_layers=2, hidden=(4,), dtype=torch.float64)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ctx = DistContext(0, 1, 0, 1, torch.device("cpu"), None, "single", 60.0)
+        par = Parallel(ctx, theory.lattice.shape, None, "none")
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    out, norm = _accumulated_step(model, opt, ReverseKL(), theory.action, 4, 2, gen, None, par)
+    assert out.log_q.device.type == "cpu" and torch.isfinite(norm)
+    row = _metrics(1, out, ReverseKL(), model, theory, par, gen.device, 0, 4)
+    assert np.isfinite(row["free_energy"]) and np.isfinite(row["ess"])
+    ev = _evaluate(model, theory, par, 8, 4, 0, torch.device("cpu"))
+    assert ev["eval_samples"] == 8 and np.isfinite(ev["log_z"])
