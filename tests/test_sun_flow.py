@@ -21,7 +21,7 @@ from gaugeflow.flows.sun import (
     canonical_phases,
     log_weyl_density,
 )
-from gaugeflow.groups import get_group
+from gaugeflow.groups import SU, get_group
 from gaugeflow.groups.matrix import dagger
 from gaugeflow.observables.loops import plaquette
 from gaugeflow.theories.gauge import gauge_transform
@@ -118,6 +118,24 @@ def test_cell_flow_is_a_bijection_of_the_cell_with_autograd_jacobian(n):
     face = gaps.clone()
     face[:, 0] = 0.0
     assert flow(face, params)[0][:, 0].abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_cell_flow_gradients_are_finite_at_the_vertices(n, dtype):
+    # the vertices are the centre elements; all but the identity use up the stick (r = 0), where
+    # d(g / r) and d log r were 1 / tiny: inf in float32 and NaN in every earlier layer of a flow
+    gen = torch.Generator().manual_seed(30 + n)
+    flow = CanonicalCellSpline(n, n_bins=6, n_cond=2)
+    verts = (TWO_PI * torch.eye(n, dtype=F64)[:, :-1]).to(dtype)
+    params = torch.randn(n, flow.n_params, generator=gen, dtype=dtype)
+    for inverse in (False, True):
+        g = verts.clone().requires_grad_(True)
+        q = params.clone().requires_grad_(True)
+        new, ld = flow(g, q, inverse=inverse)
+        assert (new - verts).abs().max() < 1e-5 and torch.isfinite(ld).all()
+        (1e6 * (new.sum() + ld.sum())).backward()
+        assert torch.isfinite(g.grad).all() and torch.isfinite(q.grad).all()
 
 
 def test_cell_flow_zero_parameters_are_the_identity():
@@ -303,3 +321,200 @@ def test_haar_pushforward_is_normalised(group, monkeypatch):
     monkeypatch.setattr(sun, "log_weyl_density", lambda gaps: torch.zeros_like(gaps[..., 0]))
     wrong, werr, _ = haar_pushforward_mean(group)
     assert abs(wrong - 1) > 6 * werr, (wrong, werr)
+
+
+# ------------------------------------------------------------------------------ special links
+C128 = torch.complex128
+
+
+def centre_element(n, k, dtype=C128):
+    phase = torch.tensor(2 * math.pi * k / n, dtype=F64)
+    return (torch.polar(torch.ones_like(phase), phase) * torch.eye(n, dtype=C128)).to(dtype)
+
+
+def special_links(group, shape, seed, dtype=C128):
+    """Named link configurations (batch 2) whose plaquettes have degenerate or centre spectra.
+
+    ``exact`` ones have plaquettes that are exactly (not just up to rounding) identity, centre
+    elements or degenerate; their log-density is singular (J = 0) but finite, and it is the
+    same both ways only there.
+    """
+    g = get_group(group)
+    n, d = g.N, len(shape)
+    gen = torch.Generator().manual_seed(seed)
+    out = {"identity": (g.identity((2, d, *shape), dtype=dtype), True)}
+    for k in range(1, n):
+        out[f"centre {k}"] = (centre_element(n, k, dtype) * g.identity((2, d, *shape), dtype=dtype), True)
+    out["pure gauge"] = (gauge_transform(g.identity((2, d, *shape), dtype=dtype),
+                                         g.random((2, *shape), gen, dtype=dtype)), False)
+    # commuting diagonal links diag(e^{ix}, ..., e^{ix}, e^{-i(n-1)x}): every plaquette degenerate
+    x = (2 * torch.rand(2, d, *shape, generator=gen, dtype=F64) - 1) * math.pi
+    ph = torch.stack([x] * (n - 1) + [-(n - 1) * x], -1)
+    out["degenerate diagonal"] = (torch.diag_embed(torch.polar(torch.ones_like(ph), ph)).to(dtype), False)
+    u = g.random((2, d, *shape), gen, dtype=dtype)
+    u[torch.rand(u.shape[:-2], generator=gen) < 0.3] = torch.eye(n, dtype=dtype)
+    u[torch.rand(u.shape[:-2], generator=gen) < 0.3] = centre_element(n, 1, dtype)
+    out["haar with identity and centre links"] = (u, False)
+    return out
+
+
+@pytest.mark.parametrize(
+    "group,shape,scale", [("su2", (4, 4), 0.15), ("su3", (4, 4), 0.15), ("su3", (2, 2, 2), 0.08), ("su4", (2, 2), 0.15)]
+)
+def test_round_trip_on_degenerate_centre_and_identity_links(group, shape, scale):
+    n = get_group(group).N
+    layer = make_layer(group, shape, seed=3, scale=scale)
+    for name, (u, exact) in special_links(group, shape, seed=1).items():
+        for fn, inv in ((layer.forward, layer.inverse), (layer.inverse, layer.forward)):
+            v, ld = fn(u)
+            u2, ld2 = inv(v)
+            assert (u2 - u).abs().max() < 1e-10, name
+            assert torch.isfinite(ld).all() and torch.isfinite(ld2).all(), name
+            assert (v @ dagger(v) - torch.eye(n, dtype=v.dtype)).abs().max() < 1e-12, name
+            assert (torch.linalg.det(v) - 1).abs().max() < 1e-12, name
+            if exact:
+                # centre plaquettes are vertices of the cell: fixed points
+                assert (v - u).abs().max() == 0 and (ld + ld2).abs().max() == 0, name
+            elif name.startswith("haar"):
+                assert (ld + ld2).abs().max() < 1e-9, name
+                assert (v - u).abs().max() > 1e-2, name  # the layer really acted
+
+
+# ------------------------------------------------------------------------------ sampler vs inverse
+def small_model(theory_cfg, shape, n_layers, scale, seed=1, dtype=F64):
+    """A spectral flow model with zero-initialised nets, then every weight perturbed (asserted)."""
+    from gaugeflow.flows.models import build_flow_model
+    from gaugeflow.theories.theory import build_theory
+
+    theory = build_theory(theory_cfg, list(shape))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_flow_model(theory, n_layers=n_layers, hidden=(8,), zero_init=True, dtype=dtype)
+    zero = [p.abs().max().item() for p in model.parameters()]
+    assert min(zero) == 0  # zero-initialised output layers: the model starts as the identity
+    randomize(model, scale, seed)
+    assert min(p.abs().max().item() for p in model.parameters()) > 0
+    return theory, model
+
+
+SU3_2D = {"name": "su3_2d", "kind": "gauge", "group": "su3", "dim": 2, "beta": 4.0}
+SU3_4D = {"name": "su3_4d", "kind": "gauge", "group": "su3", "dim": 4, "beta": 2.0}
+OLD_AXIS = math.atan(0.6180339887498949)
+
+
+def old_eig(self, u):
+    """The former Group.eig (eigh of the fixed combination cos + 0.618 sin), for power checks."""
+    h = 0.5 * (u + dagger(u)) - 0.5j * 0.6180339887498949 * (u - dagger(u))
+    _, vecs = torch.linalg.eigh(h)
+    return torch.angle((dagger(vecs) @ u @ vecs).diagonal(dim1=-2, dim2=-1)), vecs
+
+
+def adversarial_draws(layer, batch, shape, seed):
+    """Haar links in which every active plaquette of ``layer`` has eigenphases symmetric about the
+    axis of the former eig's fixed combination, ``(a + y, a - y, -2a)`` (distinct phases, equal
+    eigenvalues of that combination)."""
+    g = layer.group
+    gen = torch.Generator().manual_seed(seed)
+    u = g.random((batch, len(shape), *shape), gen)
+    mu, nu, act = layer.mu, layer.nu, layer.link_mask
+    y = 0.2 + 2.5 * torch.rand(batch, int(act.sum()), generator=gen, dtype=F64)
+    ph = torch.stack([OLD_AXIS + y, OLD_AXIS - y, torch.full_like(y, -2 * OLD_AXIS)], -1)
+    v = g.random(y.shape, gen)
+    target = (v * torch.polar(torch.ones_like(ph), ph)[..., None, :]) @ dagger(v)
+    # U_mu(x) = target (U_mu(x+nu) U_nu(x+mu)^dagger U_nu(x)^dagger)^dagger makes P_{mu nu}(x) = target
+    from gaugeflow.lattice import shift
+
+    staple = u[:, nu] @ shift(u[:, mu], nu, 1) @ dagger(shift(u[:, nu], mu, 1))
+    u_mu = u[:, mu].clone()
+    u_mu[:, act] = target @ staple[:, act]
+    u[:, mu] = u_mu
+    assert (plaquette(u, mu, nu)[:, act] - target).abs().max() < 1e-12
+    return u
+
+
+def test_sampler_and_inverse_pass_agree_on_every_draw(monkeypatch):
+    theory, model = small_model(SU3_2D, (4, 4), n_layers=8, scale=0.15)
+    x, log_q = model.sample(256, torch.Generator().manual_seed(3))
+    assert log_q.std() > 1.0  # far from the Haar prior (log q = 0)
+    assert (model.log_prob(x) - log_q).abs().max() < 1e-10
+    # gauge-transformed draws: the same log q
+    omega = theory.group.random((256, 4, 4), torch.Generator().manual_seed(4))
+    assert (model.log_prob(gauge_transform(x, omega)) - log_q).abs().max() < 1e-10
+    # prior draws whose first active plaquettes defeat a fixed hermitian combination
+    z = adversarial_draws(model.flow.layers[0], 64, (4, 4), seed=5)
+
+    def mismatch():
+        y, ld = model.flow(z)
+        return (model.log_prob(y) - (model.prior.log_prob(z) - ld)).abs().max().item()
+
+    assert mismatch() < 1e-10
+    monkeypatch.setattr(SU, "eig", old_eig)
+    assert mismatch() > 1e-3  # the former eig emitted links that were not the reported map
+
+
+# ------------------------------------------------------------------------------ 4d training path
+def autograd_nodes(t):
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        f = stack.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            stack.extend(nxt for nxt, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_4d_su3_with_identity_and_centre_links(dtype):
+    # the 4d training step that used to stop with "linalg_eigh_backward: ... ill-defined"
+    shape = (2, 2, 2, 2)
+    theory, model = small_model(SU3_4D, shape, n_layers=None, scale=0.03, dtype=dtype)
+    assert len(model.flow.layers) == 32
+    cdtype = torch.complex64 if dtype == torch.float32 else C128
+    g = theory.group
+    gen = torch.Generator().manual_seed(2)
+    special = special_links("su3", shape, seed=2, dtype=cdtype)
+    z = torch.cat([g.random((2, 4, *shape), gen, dtype=cdtype)] + [u for u, _ in special.values()])
+    x, ld = model.flow(z)
+    loss = (theory.action(x) - ld).mean()
+    assert not any("Eigh" in name for name in autograd_nodes(loss))  # no eigenvector-phase check left
+    # a large loss scale, as large gradients trip torch's check in float32
+    (1e6 * loss).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+    assert all(gr.abs().max() > 0 for gr in grads)
+
+
+def test_parameter_gradient_against_finite_differences(monkeypatch):
+    shape = (2, 2, 2, 2)
+    theory, model = small_model(SU3_4D, shape, n_layers=8, scale=0.03)
+    z = theory.group.random((3, 4, *shape), torch.Generator().manual_seed(4))
+
+    def loss():
+        x, ld = model.flow(z)
+        return (theory.action(x) - ld).mean()
+
+    # a weight of the first layer: its gradient passes back through all eight layers
+    p = model.flow.layers[0].net.net[-1].weight
+    loss().backward()
+    i = p.grad.abs().flatten().argmax()
+    auto = p.grad.flatten()[i].item()
+    h = 1e-6
+
+    def fd():
+        with torch.no_grad():
+            p.view(-1)[i] += h
+            up = loss().item()
+            p.view(-1)[i] -= 2 * h
+            down = loss().item()
+            p.view(-1)[i] += h
+        return (up - down) / (2 * h)
+
+    assert abs(auto) > 0.1
+    assert auto == pytest.approx(fd(), rel=1e-6)
+    # power: without the closed-form dR/dP of the spectral update the gradient is off by far more
+    # than the tolerance above (5e-4 relative here)
+    orig = sun._SpectralRotation.apply
+    monkeypatch.setattr(sun._SpectralRotation, "apply", lambda q, *rest: orig(q.detach(), *rest))
+    p.grad = None
+    loss().backward()
+    assert p.grad.flatten()[i].item() != pytest.approx(auto, rel=1e-4)

@@ -60,8 +60,22 @@ log-determinant is the sum over active links (no other link moves).
 
 Exactly degenerate active plaquettes (``J = 0``, e.g. a cold start) are a null set: the layer
 stays finite there (``J`` is clamped to the smallest normal number) and fixes such points
-when the flow is the identity, but the log-determinant there is not the limiting value, and
-eigenvector gradients diverge at degeneracies as for any spectral flow.
+when the flow is the identity, but the log-determinant there is not the limiting value.
+
+Gradients
+---------
+The update ``R = V diag(e^{i delta}) V^dagger`` does not depend on the phases of the columns of ``V``
+nor on the basis chosen inside a degenerate eigenspace, but autograd through ``eigh`` sees ``V``
+alone: its backward divides rounding noise by eigenvalue gaps and raises
+(``linalg_eigh_backward: ... ill-defined``) once float32 rounding of a large ``dL/dV`` looks like a
+dependence on the phases (4d SU(3) training did). So ``V`` is used detached, the eigenphases carry
+their own gradient (:meth:`Group.eig`; ``d phi_k = Im(conj(z_k) v_k^dagger dP v_k)``, no gaps), and the
+dependence of ``R`` on ``P`` at fixed ``delta`` is differentiated in closed form
+(:class:`_SpectralRotation`): in the eigenbasis, ``dR = L o (V^dagger dP V)`` off the diagonal with the
+divided differences ``L_jk = (e^{i delta_k} - e^{i delta_j}) / (e^{i theta_k} - e^{i theta_j})`` (Daleckii-Krein),
+evaluated as a ratio of sines of half phase differences. ``L`` is bounded (the cell map keeps
+degenerate pairs degenerate) and finite at exact degeneracies, so the gradient is finite on
+every input, identity and centre links included.
 """
 
 from __future__ import annotations
@@ -71,6 +85,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from gaugeflow.flows.base import FlowLayer
 from gaugeflow.flows.masks import GaugeMask
@@ -137,6 +152,21 @@ def log_weyl_density(gaps: torch.Tensor) -> torch.Tensor:
     return 2 * torch.log(chord).sum(-1)
 
 
+def _stick_grad_guard(rem: torch.Tensor, value: torch.Tensor, fn: Callable) -> torch.Tensor:
+    """``value`` (a function of the remaining stick ``rem``, computed with ``rem`` clamped at the
+    smallest normal number) with its gradient taken as that of ``fn(max(rem, eps))``.
+
+    Why: at the vertices of the cell other than the identity (centre elements, e.g. gaps
+    ``(2 pi, 0)`` for SU(3)) the stick is used up, ``rem = 0``, and ``g / rem``, ``log rem`` have
+    derivatives ``1 / tiny``: inf times anything in float32, then NaN in every earlier layer. The
+    value is left as it was (so the map and its log-det do not change); only where ``rem < eps``,
+    which rounding alone produces, the gradient through this step is dropped.
+    """
+    thr = torch.finfo(rem.dtype).eps
+    live = rem > thr
+    return torch.where(live, fn(rem.clamp_min(thr)), value.detach())
+
+
 class CanonicalCellSpline(nn.Module):
     """Autoregressive stick-breaking spline flow of the SU(N) canonical cell (module docstring).
 
@@ -178,8 +208,9 @@ class CanonicalCellSpline(nn.Module):
         zs, log_rem = [], torch.zeros_like(rem)
         for k in range(gaps.shape[-1]):
             r = rem.clamp_min(tiny)
-            zs.append((gaps[..., k] / r).clamp(0.0, 1.0))
-            log_rem = log_rem + torch.log(r)
+            z = (gaps[..., k] / r).clamp(0.0, 1.0)
+            zs.append(_stick_grad_guard(rem, z, lambda q, k=k: (gaps[..., k] / q).clamp(0.0, 1.0)))
+            log_rem = log_rem + _stick_grad_guard(rem, torch.log(r), torch.log)
             # rounding can push the remaining stick a hair below zero at the far face
             rem = (rem - gaps[..., k]).clamp_min(0.0)
         return torch.stack(zs, dim=-1), log_rem
@@ -195,7 +226,7 @@ class CanonicalCellSpline(nn.Module):
         gs, log_rem = [], torch.zeros_like(rem)
         for k in range(z.shape[-1]):
             gs.append(z[..., k] * rem)
-            log_rem = log_rem + torch.log(rem.clamp_min(tiny))
+            log_rem = log_rem + _stick_grad_guard(rem, torch.log(rem.clamp_min(tiny)), torch.log)
             rem = rem * (1.0 - z[..., k])
         return torch.stack(gs, dim=-1), log_rem
 
@@ -240,6 +271,46 @@ class CanonicalCellSpline(nn.Module):
         z_new, ld = self.box_map(z, params, inverse)
         new_gaps, log_r_out = self.from_box(z_new)
         return new_gaps, ld + log_r_out - log_r_in
+
+
+class _SpectralRotation(torch.autograd.Function):
+    """``(P, delta) -> R = V diag(e^{i delta}) V^dagger`` for ``P = V diag(e^{i theta}) V^dagger``.
+
+    ``V`` and ``theta`` are passed in (detached) from the decomposition of ``P``; ``P`` itself only
+    routes the gradient. Backward, with ``K = V^dagger G V`` for the incoming gradient ``G``:
+    ``dL/d delta_k = Im(e^{-i delta_k} K_kk)`` and ``dL/dP = V (K o conj(L)) V^dagger`` with the divided
+    differences (``w = e^{i delta}``, ``z = e^{i theta}``)
+
+        L_jk = (w_k - w_j) / (z_k - z_j)
+             = e^{i (delta_j + delta_k - theta_j - theta_k) / 2} sin((delta_k - delta_j) / 2) / sin((theta_k - theta_j) / 2),
+
+    the derivative of ``R`` along ``P`` at fixed ``delta`` for any ``dP`` (eigenprojector
+    perturbation of a normal matrix; ``L_kk`` = 0). No eigenvector phase enters. The cell map
+    keeps degenerate pairs degenerate, so ``L`` is bounded; the sine in the denominator is
+    clamped at ``1e3 eps`` (``s / max(s^2, tau^2)``), which sets ``L`` to 0 at exact degeneracies and
+    changes it only on pairs closer than that.
+    """
+
+    @staticmethod
+    def forward(ctx, p, delta, vecs, theta):  # p: only routes the gradient
+        ctx.save_for_backward(vecs, theta, delta)
+        return (vecs * torch.polar(torch.ones_like(delta), delta)[..., None, :]) @ dagger(vecs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_rot):
+        vecs, theta, delta = ctx.saved_tensors
+        k = dagger(vecs) @ g_rot @ vecs
+        w_conj = torch.polar(torch.ones_like(delta), -delta)
+        g_delta = (w_conj * k.diagonal(dim1=-2, dim2=-1)).imag
+        tau = 1e3 * torch.finfo(theta.dtype).eps
+        s = torch.sin(0.5 * (theta[..., None, :] - theta[..., :, None]))  # [j, k]: (theta_k - theta_j) / 2
+        num = torch.sin(0.5 * (delta[..., None, :] - delta[..., :, None]))
+        mag = num * s / torch.maximum(s * s, torch.full_like(s, tau * tau))
+        arg = 0.5 * (delta[..., None, :] + delta[..., :, None] - theta[..., None, :] - theta[..., :, None])
+        lo = mag * torch.polar(torch.ones_like(arg), arg)
+        g_p = vecs @ (k * lo.conj()) @ dagger(vecs)
+        return g_p, g_delta, None, None
 
 
 # ----------------------------------------------------------------------------------- layer
@@ -337,14 +408,15 @@ class SUNPlaquetteCoupling(FlowLayer):
         p = plaquette(links, mu, self.nu)[:, mask]  # (batch, A, N, N)
         phases, vecs = self.group.eig(p)
         theta, perm = canonical_phases(phases)
-        vecs = vecs.gather(-1, perm[..., None, :].expand_as(vecs))
+        # V only enters through R below, whose P-derivative is taken in closed form (module docstring)
+        vecs = vecs.detach().gather(-1, perm[..., None, :].expand_as(vecs))
         gaps = theta[..., :-1] - theta[..., 1:]
         new_gaps, logdet = self.cell(gaps, params, inverse=inverse)
         logdet = logdet + log_weyl_density(new_gaps) - log_weyl_density(gaps)
         # P' P^dagger = V diag(e^{i (theta' - theta)}) V^dagger; the phase change is built from the
         # gap change so that it sums to zero (det stays 1) and vanishes when the gaps do
         delta = phase_shift_from_gaps(new_gaps - gaps)
-        rot = (vecs * torch.polar(torch.ones_like(delta), delta)[..., None, :]) @ dagger(vecs)
+        rot = _SpectralRotation.apply(p, delta, vecs, theta.detach())
         u_mu = links[:, mu].clone()
         u_mu[:, mask] = rot @ links[:, mu][:, mask]
         out = torch.cat([links[:, :mu], u_mu[:, None], links[:, mu + 1:]], dim=1)

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from functools import lru_cache
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from gaugeflow.groups.matrix import dagger, eye_like, mul, trace
 
@@ -54,15 +55,13 @@ class Group(ABC):
     def eig(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenphases in (-pi, pi] and unitary eigenvectors, ``u = V diag(e^{i phi}) V^dagger``.
 
-        A normal matrix is diagonalised by the hermitian ``cos`` and ``sin`` parts it
-        commutes with; ``eigh`` of a generic combination of them returns an
-        orthonormal basis even for degenerate eigenphases, where ``linalg.eig`` does not.
+        ``phases[..., k]`` belongs to the column ``vecs[..., :, k]``; the order is otherwise
+        unspecified (callers sort, e.g. :func:`gaugeflow.flows.sun.canonical_phases`). Accurate
+        to a few ulps for every unitary ``u`` (degenerate spectra, centre elements and the
+        identity included): see :func:`unitary_eig`. Differentiable for losses that do not
+        depend on the phases of the eigenvectors (:class:`_UnitaryEig`).
         """
-        c = 0.6180339887498949  # generic mixing: no accidental degeneracy of cos + c sin
-        h = 0.5 * (u + dagger(u)) - 0.5j * c * (u - dagger(u))
-        _, vecs = torch.linalg.eigh(h)
-        phases = torch.angle((dagger(vecs) @ u @ vecs).diagonal(dim1=-2, dim2=-1))
-        return phases, vecs
+        return _UnitaryEig.apply(u)
 
     def eigphases(self, u: torch.Tensor) -> torch.Tensor:
         """Eigenphases in (-pi, pi], shape ``(..., N)``."""
@@ -101,6 +100,112 @@ class Group(ABC):
 
     def __repr__(self) -> str:
         return self.name
+
+
+# ----------------------------------------------------------------------------- eigen-decomposition
+def _herm_part(u: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """``(e^{-i a} u + e^{i a} u^dagger) / 2`` for ``rot = e^{-i a}`` (a scalar or ``(..., 1, 1)``).
+
+    For unitary ``u = V diag(e^{i phi}) V^dagger`` this is ``V diag(cos(phi - a)) V^dagger``.
+    """
+    m = rot * u
+    return 0.5 * (m + dagger(m))
+
+
+def _offdiag_norm(r: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm of the off-diagonal part of ``r`` (..., N, N)."""
+    off = r - torch.diag_embed(r.diagonal(dim1=-2, dim2=-1))
+    return (off.real.square() + off.imag.square()).sum((-1, -2)).sqrt()
+
+
+def unitary_eig(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spectral decomposition of unitary ``u`` (..., N, N), N >= 2, without autograd.
+
+    Why not one fixed hermitian combination: ``H_a = herm(e^{-i a} u)`` has eigenvalues
+    ``cos(phi_k - a)``, and two *distinct* eigenphases with midpoint ``m = (phi_j + phi_k) / 2 = a``
+    (mod pi) give equal eigenvalues of ``H_a``: ``eigh`` then returns an arbitrary basis of
+    their joint eigenspace and ``V^dagger u V`` is not diagonal. The gap of ``H_a`` between them is
+    ``|sin(m - a)| |e^{i phi_j} - e^{i phi_k}|``, so the error of ``V`` is about ``eps / |sin(m - a)|``
+    relative to the eigenvalue gap of ``u`` itself (a degenerate pair of ``u`` is harmless: any
+    orthonormal basis of its eigenspace reconstructs ``u``).
+
+    So the angle is chosen per matrix from ``K = P + 1`` candidates ``a_i = pi/2 + i pi / K``,
+    ``P = N(N-1)/2`` pairs: each midpoint is within ``pi / 2K`` of at most one candidate, so some
+    candidate has ``|sin(m - a)| >= sin(pi / 2K)`` for every pair (0.38 for SU(3)). ``a = pi/2``
+    (the "sin" part; optimal for SU(2), whose midpoints are all 0) is tried on every matrix; the
+    next candidates only on those whose ``V^dagger u V`` is still off-diagonal by more than
+    ``16 eps`` (3.5 % of Haar SU(3) after the first), keeping the most diagonal result. The
+    off-diagonal norm bounds the reconstruction error; the phases are ``angle(diag(V^dagger u V))``,
+    mapped into (-pi, pi].
+    """
+    n = u.shape[-1]
+    eps = torch.finfo(u.real.dtype).eps
+    n_cand = n * (n - 1) // 2 + 1
+    _, v = torch.linalg.eigh(_herm_part(u, -1j))
+    r = dagger(v) @ u @ v
+    res = _offdiag_norm(r)
+    for i in range(1, n_cand):
+        idx = (res > 16 * eps).nonzero(as_tuple=True)
+        if idx[0].numel() == 0:
+            break
+        a = 0.5 * math.pi + i * math.pi / n_cand
+        ub = u[idx]
+        _, vb = torch.linalg.eigh(_herm_part(ub, complex(math.cos(a), -math.sin(a))))
+        rb = dagger(vb) @ ub @ vb
+        resb = _offdiag_norm(rb)
+        better = resb < res[idx]
+        keep = better[..., None, None]
+        v = v.index_put(idx, torch.where(keep, vb, v[idx]))
+        r = r.index_put(idx, torch.where(keep, rb, r[idx]))
+        res = res.index_put(idx, torch.where(better, resb, res[idx]))
+    phases = torch.angle(r.diagonal(dim1=-2, dim2=-1))
+    # torch.angle gives -pi for e.g. -1 - 0j; the documented range is (-pi, pi]
+    phases = torch.where(phases <= -math.pi, phases + 2 * math.pi, phases)
+    return phases, v
+
+
+class _UnitaryEig(torch.autograd.Function):
+    """``u -> (phases, V)`` by :func:`unitary_eig`, with a backward for unitary ``u``.
+
+    Why not autograd through ``eigh``: its backward divides by gaps of the *hermitian*
+    combination (tiny at accidental degeneracies of that combination) and raises when
+    ``Im diag(V^dagger gV)`` exceeds 1e-2, which float32 rounding alone reaches once ``|gV|`` is
+    ~1e5 (seen in 4d SU(3) training), even for losses that do not depend on eigenvector phases.
+
+    Here, with ``z = e^{i phi}`` and ``A = V^dagger du V``: ``d phi_k = Im(conj(z_k) A_kk)`` and
+    ``dV = V C`` with ``C_jk = A_jk / (z_k - z_j)`` (j != k), skew-hermitian for tangent ``du``
+    (``du = X u``, X anti-hermitian). So only the skew-hermitian part ``S`` of ``M = V^dagger gV``
+    matters, and its diagonal (the dependence on eigenvector phases, zero for a well-defined
+    loss) is dropped. The gradient is ``V F V^dagger`` with ``F_kk = i z_k g_k`` and
+    ``F_jk = S_jk / conj(z_k - z_j)``, the last regularised as ``d / (|d|^2 + (16 eps)^2)`` so that
+    exactly degenerate pairs contribute zero and near-degenerate ones stay finite.
+    Gradients are exact along the group (all that the chain rule sees when ``u`` is a product
+    of links); not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, u):
+        with torch.no_grad():
+            phases, vecs = unitary_eig(u)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(phases, vecs)
+        return phases, vecs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_phases, g_vecs):
+        phases, vecs = ctx.saved_tensors
+        z = torch.polar(torch.ones_like(phases), phases)
+        f = torch.zeros_like(vecs)
+        if g_phases is not None:
+            f = f + torch.diag_embed(1j * z * g_phases)
+        if g_vecs is not None:
+            m = dagger(vecs) @ g_vecs
+            skew = 0.5 * (m - dagger(m))
+            d = z[..., None, :] - z[..., :, None]  # d[j, k] = z_k - z_j
+            tiny = 16 * torch.finfo(phases.dtype).eps
+            f = f + skew * d / (d.real.square() + d.imag.square() + tiny * tiny)
+        return vecs @ f @ dagger(vecs)
 
 
 def _complex_of(dtype: torch.dtype) -> torch.dtype:
