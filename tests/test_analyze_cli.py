@@ -139,6 +139,10 @@ def test_reweighted_independent_draws(tmp_path):
     assert r["ess"] == pytest.approx(w.sum() ** 2 / (n * (w**2).sum()), rel=1e-12)
     assert r["n_eff"] == pytest.approx(r["ess"] * n)
     assert abs(r["log_z"] - 0.5 * math.log(2 * math.pi)) < 4 * r["log_z_err"]
+    # log-normal weights of width 0.5: a light tail, thousands of effective draws, no warning
+    from gaugeflow.sampling.weights import pareto_khat
+
+    assert r["khat"] == pytest.approx(pareto_khat(log_p - log_q)) and r["khat"] < 0.5 and r["warning"] is None
 
     names = {p.name for p in pngs(tmp_path / "out" / "plots")}
     assert "log_w_histogram.png" in names and "plaquette_histogram.png" in names
@@ -273,6 +277,13 @@ def test_analyze_hmc_ensemble(tmp_path, hmc_run):
     assert s["_exact"]["log_z"] == pytest.approx(exact.log_z("u1", 2.0, (4, 4)), rel=1e-12)
     assert abs(s["plaquette"]["mean"] - want) < 3 * s["plaquette"]["err"]
     assert s["_meta"]["theory"] == "u1_2d" and s["_meta"]["sampler"] == "hmc" and s["_meta"]["n_cfg"] == 20
+    # <Q^2> and chi_t = <Q^2>/V with Gamma-method errors, and their exact finite-volume values
+    q2 = gamma_method(ens.columns["topological_charge"] ** 2)
+    chi = s["topological_susceptibility"]
+    assert set(chi) == {"mean", "err", "tau_int"} and chi["mean"] == pytest.approx(q2.mean / 16, rel=1e-12)
+    assert chi["err"] == pytest.approx(q2.err / 16, rel=1e-12, abs=1e-300)
+    assert s["_exact"]["topological_susceptibility"] == pytest.approx(exact.u1_topological_susceptibility(2.0, 16))
+    assert "topological_susceptibility" in r.stdout
     assert "log_p" not in s and "delta_h" not in s and "exp_minus_delta_h" in s
     plots = pngs(tmp_path / "a" / "plots")
     assert {"plaquette_history.png", "plaquette_histogram.png", "plaquette_autocorrelation.png"} <= {
@@ -330,3 +341,69 @@ def test_misspelt_key_fails_in_hydra(tmp_path):
     r = gaugeflow("analyze", "ensemble=e.h5", "n_thrm=3", "hydra.run.dir=run", cwd=tmp_path)
     assert r.returncode != 0 and "n_thrm" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+
+# ----------------------------------------------------------------------------- issue 10: k-hat, topology
+
+
+def write_u1(path, sampler, n, attrs=None, **columns):
+    """A 2d U(1) 4x4 ensemble (identity links) carrying the given per-configuration series."""
+    a = {"theory": "u1_2d", "kind": "gauge", "group": "U(1)", "shape": [4, 4], "beta": 1.0, "action": "wilson",
+         "c0": 1.0, "c1": 0.0, "sampler": sampler, **(attrs or {})}
+    with EnsembleWriter(path, "links", (2, 4, 4, 1, 1), torch.complex128, a) as w:
+        w.append(torch.ones(n, 2, 4, 4, 1, 1, dtype=torch.complex128), **{k: np.asarray(v) for k, v in columns.items()})
+    return path
+
+
+def test_topological_susceptibility_chain_and_reweighted(tmp_path):
+    rng = np.random.default_rng(21)
+    n = 2000
+    q = np.round(1.6 * ar1(n, 0.6, rng))  # an integer charge with autocorrelation
+    s = run_analyze(config(ensemble=str(write_u1(tmp_path / "c.h5", "hmc", n, topological_charge=q)), plots=False),
+                    tmp_path / "a")["summary"]
+    want = gamma_method(q**2)
+    for key, scale in (("topological_charge_squared", 1), ("topological_susceptibility", 16)):
+        assert s[key]["mean"] == pytest.approx(want.mean / scale, rel=1e-12)
+        assert s[key]["err"] == pytest.approx(want.err / scale, rel=1e-12)
+        assert s[key]["tau_int"] == pytest.approx(want.tau_int) and s[key]["tau_int"] > 1
+    assert s["_exact"]["topological_charge_squared"] == pytest.approx(exact.u1_q2(1.0, 16))
+    # reweighted draws: <Q^2 w> / <w>
+    log_q = rng.normal(size=n)
+    log_p = 0.3 * rng.normal(size=n)
+    q = rng.integers(-3, 4, size=n).astype(np.float64)
+    path = write_u1(tmp_path / "r.h5", "reweight", n, topological_charge=q, log_q=log_q, log_p=log_p)
+    s = run_analyze(config(ensemble=str(path), plots=False), tmp_path / "b")["summary"]
+    w = np.exp(log_p - log_q)
+    assert s["topological_susceptibility"]["mean"] == pytest.approx((w * q**2).sum() / w.sum() / 16, rel=1e-12)
+    assert s["topological_susceptibility"]["err"] > 0
+
+
+def test_heavy_tailed_weights_warn(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    n = 3000
+    log_q = np.zeros(n)
+    log_p = -1.0 * np.log(rng.random(n))  # w = 1/U: k = 1, an infinite mean
+    path = write_ensemble(tmp_path / "h.h5", sampler="reweight", plaquette=rng.normal(size=n), log_q=log_q,
+                          log_p=log_p)
+    s = run_analyze(config(ensemble=str(path), plots=False), tmp_path / "a")["summary"]
+    r = s["_reweighting"]
+    assert r["khat"] > 0.7 and "Pareto k-hat" in r["warning"]
+    out = capsys.readouterr()
+    assert "Pareto k-hat" in out.out
+    lines = [x for x in out.err.splitlines() if x.startswith("warning: analyze:")]
+    assert len(lines) == 1 and "error bars understate the truth" in lines[0]
+
+
+def test_imh_chain_reports_its_proposals_weights(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    n = 200
+    path = write_u1(tmp_path / "imh.h5", "imh", n, {"ess": 0.3, "khat": 0.9, "n_proposals": n},
+                    plaquette=ar1(n, 0.5, rng), accepted=rng.random(n) < 0.4, log_q=rng.normal(size=n),
+                    log_p=rng.normal(size=n), proposal=np.arange(n))
+    s = run_analyze(config(ensemble=str(path), plots=False), tmp_path / "a")["summary"]
+    p = s["_proposals"]
+    assert p["ess"] == 0.3 and p["khat"] == 0.9 and p["n_eff"] == pytest.approx(60.0) and p["n_proposals"] == n
+    assert "Pareto k-hat 0.90 > 0.7" in p["warning"] and "N x ESS = 60.0 < 100" in p["warning"]
+    assert "_reweighting" not in s and s["_meta"]["method"] == "gamma_method"
+    assert "ESS (proposals)" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from gaugeflow.sampling.imh import IndependenceMetropolis, gather_chain, independence_metropolis
+from gaugeflow.sampling.imh import IndependenceMetropolis, block_entries, gather_chain, independence_metropolis
 from gaugeflow.sampling.statistics import gamma_method
 
 # proposal q = N(0, 1), target p = N(MU, SIGMA^2): SIGMA < 1 keeps w = p/q bounded, so the
@@ -97,3 +97,38 @@ def test_gather_chain_carries_state_between_batches():
     assert out.tolist() == [[-1, -2], [-1, -2], [0, 1], [0, 1], [4, 5]]
     with pytest.raises(ValueError):
         gather_chain(torch.tensor([3]), 5, x[:1], None)
+
+
+@pytest.mark.parametrize("n_blocks,block,seed", [(2, 8, 0), (3, 5, 1), (4, 3, 2), (1, 16, 3)])
+def test_blocks_of_a_distributed_step_rebuild_the_chain(n_blocks, block, seed):
+    """As ``sample dist=ddp`` writes a chain: each rank its block of positions, from its own proposals
+    and at most one configuration from outside the block (block_entries). Over several steps, the
+    blocks concatenated are the chain of a single process, row for row."""
+    g = torch.Generator().manual_seed(seed)
+    n = 61
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64)  # proposals, in global order
+    lw = 2.0 * torch.randn(n, generator=g, dtype=torch.float64)  # low acceptance: long repeats
+    _, cur_all = independence_metropolis(lw, torch.Generator().manual_seed(seed))
+    want = x[cur_all]
+    imh = IndependenceMetropolis(torch.Generator().manual_seed(seed))
+    rows, done, needed = [], 0, 0
+    while done < n:
+        mine = min(block, -(-(n - done) // n_blocks))
+        b = min(mine * n_blocks, n - done)
+        _, current = imh.step(lw[done:done + b])
+        entries = block_entries(current, done, mine, n_blocks)
+        assert sum(e.count for e in entries) == b and len(entries) == n_blocks
+        for r, e in enumerate(entries):
+            assert e.start == done + r * mine
+            if not e.count:
+                assert e.entering is None
+                continue
+            own = x[e.start:e.start + e.count]
+            local = current[r * mine:r * mine + e.count]
+            assert bool((local >= e.start).all()) == (e.entering is None)
+            entering = None if e.entering is None else x[e.entering]  # from its owner, or carried over
+            needed += e.entering is not None
+            rows.append(gather_chain(local, e.start, own, entering))
+        done += b
+    assert torch.equal(torch.cat(rows), want)
+    assert needed > 0  # the test exercises configurations that cross blocks

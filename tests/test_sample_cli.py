@@ -62,6 +62,8 @@ def test_imh_ensemble(work, imh):
     ck = load_checkpoint(work / "run")
     ens = read_ensemble(work / "imh.h5")
     assert ens.field_name == "links" and ens.fields.shape == (40, 2, 4, 4, 1, 1)
+    # a float32-trained flow samples in float64 by default: complex128 links, log q exact like S
+    assert ens.fields.dtype == np.complex128
     c = ens.columns
     for key in ("log_q", "log_p", "accepted", "action", "plaquette", "topological_charge", "proposal"):
         assert c[key].shape == (40,), key
@@ -79,6 +81,8 @@ def test_imh_ensemble(work, imh):
     assert a["sampler"] == "imh" and a["theory"] == "u1_2d" and list(a["shape"]) == [4, 4]
     assert a["checkpoint"] == str(ck.path.resolve()) and a["checkpoint_sha256"] == sha256(ck.path)
     assert a["checkpoint_step"] == 5 and a["seed"] == 7 and a["n_proposals"] == 40
+    assert a["model_dtype"] == "float64" and a["training_dtype"] == "float32" and a["flow_time"] == 0.0
+    assert a["stop_reason"] == "completed" and (np.isfinite(a["khat"]) or np.isnan(a["khat"]))
     assert {"gaugeflow_version", "git_sha", "created", "config"} <= set(a)
     assert a["acceptance"] == pytest.approx(c["accepted"].mean())
     summary = json.loads((work / "imh_run" / "summary.json").read_text())
@@ -89,8 +93,21 @@ def test_imh_ensemble(work, imh):
     assert summary["acceptance"] == pytest.approx(c["accepted"].mean())
     assert 0 < summary["ess"] <= 1 and np.isfinite(summary["log_z"]) and summary["log_z_err"] > 0
     assert summary["log_z_exact"] == pytest.approx(exact.log_z("u1", a["beta"], (4, 4)))
+    assert summary["stop_reason"] == "completed" and summary["model_dtype"] == "float64"
+    # Pareto k-hat beside the ESS, and the warning a 40-draw run of a 5-step flow deserves
+    assert summary["khat"] == pytest.approx(a["khat"]) and summary["n_eff"] == pytest.approx(40 * summary["ess"])
+    assert summary["n_eff"] < 100 and "error bars understate the truth" in summary["weights_warning"]
+    warnings = [line for line in imh.stderr.splitlines() if line.startswith("warning: sample:")]
+    assert len(warnings) == 1 and "N x ESS" in warnings[0], imh.stderr
+    # <Q^2> and chi_t = <Q^2>/V of the chain, with the exact finite-volume values beside them
+    q2 = c["topological_charge"] ** 2
+    assert summary["topological_charge_squared"]["mean"] == pytest.approx(q2.mean())
+    assert summary["topological_susceptibility"]["mean"] == pytest.approx(q2.mean() / 16)
+    assert summary["topological_susceptibility"]["err"] == pytest.approx(summary["topological_charge_squared"]["err"] / 16)
+    assert summary["topological_susceptibility"]["exact"] == pytest.approx(exact.u1_q2(a["beta"], 16) / 16)
     out = imh.stdout
-    for needle in ("ESS (proposals)", "acceptance", "-log Z", "exact", "plaquette", "tau_int", "wrote 40"):
+    for needle in ("ESS (proposals)", "Pareto k-hat", "acceptance", "-log Z", "exact", "plaquette", "tau_int",
+                   "topological_susceptibility", "wrote 40"):
         assert needle in out, needle
 
 
@@ -108,6 +125,8 @@ def test_reweight_ensemble_holds_the_proposals_of_the_chain(work, imh, rw):
     w = np.exp(lw - lw.max())
     assert summary["plaquette"]["mean"] == pytest.approx((w * draws.columns["plaquette"]).sum() / w.sum())
     assert summary["ess"] == pytest.approx(w.sum() ** 2 / (w**2).sum() / 40)
+    q2 = draws.columns["topological_charge"] ** 2
+    assert summary["topological_susceptibility"]["mean"] == pytest.approx((w * q2).sum() / w.sum() / 16)
     assert "acceptance" not in rw.stdout
 
 
@@ -116,9 +135,17 @@ def test_score_reproduces_the_samplers_log_q(work, imh):
     ens = read_ensemble(work / "imh.h5")
     with h5py.File(work / "imh_scores.h5") as f:
         log_q, log_p = f["log_q"][()], f["log_p"][()]
-    # log q by the inverse flow on the stored configurations = log q from sampling (float32 model)
-    assert np.allclose(log_q, ens.columns["log_q"], rtol=0, atol=2e-3)
+    # log q by the inverse flow on the stored configurations = log q from sampling, to float64
+    # precision: both run the float32-trained model in float64 (a float32 evaluation is off by ~1e-6)
+    assert np.allclose(log_q, ens.columns["log_q"], rtol=0, atol=1e-10)
     assert np.array_equal(log_p, ens.columns["log_p"])
+    summary = json.loads((work / "s1" / "summary.json").read_text())
+    assert summary["model_dtype"] == "float64" and summary["log_q_vs_ensemble"]["max_abs"] < 1e-10
+    # samples of p: the forward ESS 1 / (<w>_p <1/w>_p) and the k-hat of p/q over them
+    lw = log_p - log_q
+    assert summary["ess_kind"] == "forward"
+    assert summary["ess"] == pytest.approx(1 / (np.mean(np.exp(lw - lw.max())) * np.exp(lw.max())
+                                                * np.mean(np.exp(-lw))))
 
 
 def test_score_hmc_ensemble(work):
@@ -147,11 +174,13 @@ def test_overrides_apply_on_top_of_the_checkpoint(work):
                  cwd=work))
     a = read_ensemble(work / "b.h5", load_fields=False).attrs
     assert a["beta"] == beta and list(a["shape"]) == [4, 4]  # the lattice still comes from the checkpoint
+    # recorded beside what the flow was trained at
+    assert json.loads(a["target_changes"]) == {"theory.beta": {"trained": beta - 0.5, "target": beta}}
     # an explicit group choice consistent with the checkpoint is allowed and means the composed group
     ok(gaugeflow("sample", "checkpoint=run/checkpoints/step_00000005.h5", "theory=u1_2d", "model=small",
                  "sample.n=4", "out=c.h5", "hydra.run.dir=c", cwd=work))
     for args, needle in [(["model=default"], "does not fit this model"),
-                         (["theory=su2_2d"], "checkpoint of theory 'u1_2d', not 'su2_2d'")]:
+                         (["theory=su2_2d"], "theory=su2_2d is not on the field space the flow was trained for")]:
         r = gaugeflow("sample", "checkpoint=run", "sample.n=4", *args, "out=x.h5", "hydra.run.dir=x", cwd=work)
         one_line_error(r, needle, work, "x.h5", "x")
 
@@ -265,11 +294,11 @@ def test_restore_group_overrides_and_errors(fake_ck, tmp_path):
     merged, _ = restore_config(cfg, fake_ck, overrides=["model=small"])
     assert merged.model == cfg.model and merged.theory.beta == 3.0  # composed model, saved theory
     cfg = compose("sample", ["theory=su2_2d"])
-    with pytest.raises(UsageError, match="checkpoint=.*checkpoint of theory 'u1_2d', not 'su2_2d'"):
+    with pytest.raises(UsageError, match="checkpoint=.*theory=su2_2d is not on the field space the flow was trained"):
         restore_config(cfg, fake_ck, overrides=["theory=su2_2d"])
     cfg = compose("sample", ["theory.name=other"])
-    with pytest.raises(UsageError, match="checkpoint of theory 'u1_2d', not 'other'"):
-        restore_config(cfg, fake_ck, overrides=["theory.name=other"])
+    with pytest.raises(UsageError, match="theory.name=other differs from the run's theory.name=u1_2d"):
+        restore_config(cfg, fake_ck, overrides=["theory.name=other"], mode="resume")
     with pytest.raises(UsageError, match=r"^resume=nowhere: no such checkpoint"):
         restore_config(cfg, "nowhere", "resume", overrides=[])
     save_checkpoint(tmp_path / "bare", 1, model={}, theory="u1_2d", config="")
@@ -302,3 +331,174 @@ def test_train_then_sample_matches_exact_plaquette(tmp_path):
     # the same draws estimate log Z: log q is a density w.r.t. the normalised Haar measure
     log_z = exact.log_z("u1", ens.attrs["beta"], tuple(shape))
     assert abs(summary["log_z"] - log_z) < 3 * summary["log_z_err"], (summary["log_z"], log_z, r.stdout)
+    # and the topological susceptibility <Q^2>/V of the geometric charge (character expansion)
+    chi = summary["topological_susceptibility"]
+    want = exact.u1_topological_susceptibility(ens.attrs["beta"], shape[0] * shape[1])
+    assert chi["exact"] == pytest.approx(want) and 0 < chi["err"] < 0.1 * want, chi
+    assert abs(chi["mean"] - want) < 3 * chi["err"], (chi, want, r.stdout)
+
+
+# --- precision, time budget, SIGTERM, flow time, compression (issue 10) ----------------------------------
+
+
+def sample_here(*overrides):
+    """``gaugeflow sample`` in this process (composed like the command; summary.json goes to the cwd)."""
+    from gaugeflow.cli.sample import run_sample
+
+    return run_sample(compose("sample", overrides))
+
+
+def merged_model(checkpoint, dtype):
+    from gaugeflow.cli.build import theory_from_config
+    from gaugeflow.cli.restore import restore_config, restore_model
+
+    cfg, ck = restore_config(compose("sample"), str(checkpoint), overrides=[])
+    theory = theory_from_config(cfg)
+    return theory, restore_model(cfg, theory, ck, torch.device("cpu"), dtype=dtype)
+
+
+def test_sample_dtype_float64_by_default_float32_halves_the_file(work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = [f"checkpoint={work / 'run'}", "sample=reweight", "sample.n=32", "sample.batch_size=16", "seed=3",
+              "sample.progress=false"]
+    sample_here(*common, "out=f64.h5")
+    s32 = sample_here(*common, "sample.dtype=float32", "out=f32.h5")
+    assert s32["model_dtype"] == "float32"
+    with h5py.File("f64.h5") as f, h5py.File("f32.h5") as g:
+        assert f["links"].dtype == np.complex128 and g["links"].dtype == np.complex64
+        assert f.attrs["model_dtype"] == "float64" and g.attrs["model_dtype"] == "float32"
+        assert f["links"].id.get_storage_size() == 2 * g["links"].id.get_storage_size()
+        links64, log_q64 = torch.from_numpy(f["links"][()]), f["log_q"][()]
+        links32, log_q32 = torch.from_numpy(g["links"][()]), g["log_q"][()]
+        assert f["log_q"].dtype == g["log_q"].dtype == np.float64
+    # the same weights evaluated in float64: the default's log q is exact, float32's is not
+    _, model = merged_model(work / "run", torch.float64)
+    with torch.no_grad():
+        exact64 = model.log_prob(links64).numpy()
+        exact32 = model.log_prob(links32.to(torch.complex128)).numpy()
+    assert np.abs(exact64 - log_q64).max() < 1e-10
+    err = np.abs(exact32 - log_q32).max()
+    assert 1e-9 < err < 1e-3, err
+
+
+def test_restore_in_float64_equals_building_in_float64(work):
+    """Loading float32 weights into a model built in float64 (what sample and score do)."""
+    from gaugeflow.cli.build import model_from_config
+    from gaugeflow.cli.restore import restore_config
+
+    theory, model = merged_model(work / "run", torch.float64)
+    cfg, ck = restore_config(compose("sample"), str(work / "run"), overrides=[])
+    ref = model_from_config(cfg, theory, torch.float64, torch.device("cpu"))
+    ref.load_state_dict(ck.model)
+    assert all(t.dtype in (torch.float64, torch.complex128) for t in [*model.parameters(), *model.buffers()]
+               if t.is_floating_point() or t.is_complex())
+    with torch.no_grad():
+        a = model.sample(8, torch.Generator().manual_seed(0))
+        b = ref.sample(8, torch.Generator().manual_seed(0))
+    assert a[0].dtype == torch.complex128 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_max_time_ends_sampling_with_the_file_written(work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = sample_here(f"checkpoint={work / 'run'}", "sample.n=64", "sample.batch_size=16", "seed=3",
+                          "sample.max_time=0.001", "sample.progress=false", "out=short.h5")
+    # the first batch always runs (a file with data); then the budget is spent
+    ens = read_ensemble(tmp_path / "short.h5")
+    assert ens.n_cfg == 16 and ens.attrs["stop_reason"] == "sample.max_time" and ens.attrs["n_proposals"] == 16
+    assert ens.columns["accepted"].shape == (16,) and ens.attrs["n_cfg"] == 16
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stop_reason"] == on_disk["stop_reason"] == "sample.max_time" and on_disk["n"] == 16
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("value,needle", [("abc", "sample.max_time must be seconds or HH:MM:SS"),
+                                          ("-5", "sample.max_time must be positive")])
+def test_bad_max_time(work, value, needle, tmp_path, monkeypatch):
+    from gaugeflow.cli.common import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=needle):
+        sample_here(f"checkpoint={work / 'run'}", f"sample.max_time={value}", "out=x.h5")
+
+
+def test_sigterm_ends_sampling_quickly_with_the_file_written(work):
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "gaugeflow.cli.main", "sample", "checkpoint=run", "sample.n=100000000",
+                          "sample.batch_size=16", "out=term.h5", "hydra.run.dir=term"], cwd=work, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(work.glob(".term.h5.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # sampling, some batches in
+        assert p.poll() is None, p.communicate()
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        elapsed = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, (out, err)
+    assert elapsed < 30, elapsed
+    ens = read_ensemble(work / "term.h5", load_fields=False)
+    assert ens.n_cfg > 0 and ens.n_cfg % 16 == 0 and ens.attrs["stop_reason"] == "SIGTERM"
+    assert json.loads((work / "term" / "summary.json").read_text())["stop_reason"] == "SIGTERM"
+    assert "stopped by SIGTERM" in out and not list(work.glob(".term.h5.tmp-*"))
+
+
+def test_flow_time_rule():
+    from gaugeflow.cli.sample import sample_flow_time
+
+    def cfg(mine, theirs="absent"):
+        theory = {} if theirs == "absent" else {"default_flow_time": theirs}
+        return OmegaConf.create({"sample": {"flow_time": mine}, "theory": theory})
+
+    assert sample_flow_time(cfg(None)) == 0.0  # no key in the theory: the unflowed field
+    assert sample_flow_time(cfg(None, 0.5)) == 0.5  # the theory's default
+    assert sample_flow_time(cfg(None, None)) == 0.0
+    assert sample_flow_time(cfg(0.25, 0.5)) == 0.25  # an explicit value wins
+
+
+def test_flow_time_reaches_the_4d_charge(tmp_path, monkeypatch):
+    """A (random-weight) 4d U(1) flow: sample.flow_time is the Wilson-flow time of the clover charge."""
+    from gaugeflow.cli.build import model_from_config, theory_from_config
+
+    sections = ("theory: {name: u1_4d, kind: gauge, group: u1, dim: 4, default_shape: [4, 4, 4, 4], beta: 1.0, "
+                "action: wilson}\nlattice: {shape: [4, 4, 4, 4]}\n"
+                "model: {kind: u1_equivariant, n_layers: 1, hidden: [4]}\n")
+    saved = sections + "train: {dtype: float32}\n"
+    cfg = OmegaConf.merge(compose("sample"), OmegaConf.create(sections))
+    theory = theory_from_config(cfg)
+    torch.manual_seed(0)
+    model = model_from_config(cfg, theory, torch.float32, torch.device("cpu"))
+    save_checkpoint(tmp_path / "ck4", 1, model=model.state_dict(), theory="u1_4d", config=saved)
+    monkeypatch.chdir(tmp_path)
+    common = [f"checkpoint={tmp_path / 'ck4'}", "sample=reweight", "sample.n=4", "seed=2", "sample.progress=false"]
+    sample_here(*common, "sample.flow_time=0", "out=t0.h5")
+    sample_here(*common, "sample.flow_time=0.1", "out=t1.h5")
+    a, b = read_ensemble(tmp_path / "t0.h5"), read_ensemble(tmp_path / "t1.h5")
+    assert np.array_equal(a.fields, b.fields) and np.array_equal(a.columns["plaquette"], b.columns["plaquette"])
+    assert a.attrs["flow_time"] == 0.0 and b.attrs["flow_time"] == 0.1
+    q0, q1 = a.columns["topological_charge"], b.columns["topological_charge"]
+    assert np.all(np.isfinite(q1)) and not np.allclose(q0, q1)
+    # the theory's own measurement at that flow time, of the configurations as stored
+    want = theory.measure(torch.from_numpy(b.fields), 0.1)["topological_charge"].double().numpy()
+    assert np.allclose(q1, want, rtol=0, atol=1e-9)
+
+
+def test_compression(work, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = [f"checkpoint={work / 'run'}", "sample.n=32", "sample.batch_size=16", "seed=3", "sample.progress=false"]
+    sample_here(*common, "out=plain.h5")
+    sample_here(*common, "sample.compression=gzip", "out=gz.h5")
+    with h5py.File(tmp_path / "plain.h5") as f, h5py.File(tmp_path / "gz.h5") as g:
+        assert f["links"].compression is None and g["links"].compression == "gzip"
+        assert np.array_equal(f["links"][()], g["links"][()]) and np.array_equal(f["log_q"][()], g["log_q"][()])
+    from gaugeflow.cli.common import UsageError
+
+    with pytest.raises(UsageError, match="sample.compression must be"):
+        sample_here(*common, "sample.compression=zip", "out=bad.h5")

@@ -108,15 +108,20 @@ def test_overrides_reach_the_command_exactly(template, launch, tmp_path):
     assert cmd[5:] == ["train.max_time=00:25:00", "sched.horizon=steps", *overrides]
 
 
-def test_user_max_time_replaces_the_default_and_sample_has_none():
+def test_user_max_time_replaces_the_default_and_sample_gets_one():
     text = render("jobs/aurora/train.pbs", "train.max_time=00:10:00")
     assert text.count("train.max_time=") == 1 and "train.max_time=00:10:00" in text
     assert "sched.horizon" not in text  # a budget the user gives is the training's length
     mine = render("jobs/aurora/train.pbs", "sched.horizon=time")
     assert mine.count("sched.horizon=") == 1 and "sched.horizon=time" in mine
+    # sampling ends cleanly (ensemble file and summary written) before the walltime, as training does
     sample = render("jobs/aurora/sample.pbs", "checkpoint=outputs/train/1", "sample.n=1000")
-    assert "max_time" not in sample.split("gaugeflow sample", 1)[1]
+    command = sample.split("gaugeflow sample", 1)[1]
     assert "gaugeflow sample dist=ddp" in sample and "outputs/sample/" in sample
+    assert command.count("max_time") == 1 and "sample.max_time=00:25:00 checkpoint=outputs/train/1" in command
+    assert "train.max_time" not in command and "sched.horizon" not in command
+    given = render("jobs/aurora/sample.pbs", "sample.max_time=600").split("gaugeflow sample", 1)[1]
+    assert given.count("max_time") == 1 and "sample.max_time=600" in given
 
 
 @pytest.mark.parametrize("args, message", [

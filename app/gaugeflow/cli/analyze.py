@@ -4,6 +4,11 @@ A Markov chain (HMC, a flow independence-Metropolis chain) is analysed with the 
 method; independent flow draws (``log_q`` and ``log_p`` but no ``accepted``) are
 reweighted to the target with ``log w = log p - log q``. The run directory receives
 ``summary.json`` and ``plots/*.png``.
+
+Reweighted draws also get the Kish ESS and the Pareto k-hat of their weights (PSIS, Vehtari et
+al. 1507.02646), and a warning when the error bars understate the truth; an independence
+Metropolis chain gets those its sampler recorded for its proposals. A topological charge gives
+``<Q^2>`` and ``chi_t = <Q^2> / V`` as well.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,7 +31,7 @@ from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require
 from gaugeflow.cli.schema import TheoryConf
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.sampling.statistics import MIN_SAMPLES, Estimate
-from gaugeflow.sampling.summary import summarize
+from gaugeflow.sampling.summary import summarize, topology
 
 #: per-configuration datasets that are not observables: the densities, the IMH proposal index,
 #: and what is reported derived (acceptance, <exp(-dH)>)
@@ -66,8 +72,10 @@ class EnsembleAnalysis:
     series: dict[str, np.ndarray]
     estimates: dict[str, Estimate]
     log_w: np.ndarray | None = None
-    reweighting: dict[str, float] = field(default_factory=dict)
+    reweighting: dict[str, Any] = field(default_factory=dict)
     exact: dict[str, float] = field(default_factory=dict)
+    #: an IMH chain: ESS and k-hat of its proposals' weights, as the sampler recorded them
+    proposals: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -152,23 +160,49 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
     if not chain:
         import torch
 
-        from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
+        from gaugeflow.sampling.weights import log_z_estimate, weight_diagnostics
 
         log_w = cols["log_p"].astype(np.float64) - cols["log_q"].astype(np.float64)
         bad = np.isnan(log_w) | (log_w == np.inf)
         if bad.any():
             raise EnsembleError(f"{ens.path}: {int(bad.sum())} log weights log_p - log_q are NaN or +inf")
-        lw = torch.from_numpy(log_w)
-        ess = effective_sample_size(lw).item()
-        log_z, log_z_err = log_z_estimate(lw)
-        reweighting = {"ess": ess, "n_eff": ess * log_w.size, "log_z": log_z, "log_z_err": log_z_err}
+        log_z, log_z_err = log_z_estimate(torch.from_numpy(log_w))
+        diag = weight_diagnostics(log_w)
+        reweighting = {"ess": diag["ess"], "n_eff": diag["n_eff"], "khat": diag["khat"], "log_z": log_z,
+                       "log_z_err": log_z_err, "warning": diag["warning"]}
     estimates = summarize(series, log_w, s_tau)
+    if "topological_charge" in series:
+        estimates.update(topology(series["topological_charge"], _volume(ens.attrs), log_w, s_tau))
     return EnsembleAnalysis(ens.path, ens.attrs, ens.n_cfg, n_therm, "gamma_method" if chain else "reweighted",
-                            series, estimates, log_w, reweighting, _exact(ens.attrs))
+                            series, estimates, log_w, reweighting, _exact(ens.attrs),
+                            _proposals(ens.attrs) if chain else {})
+
+
+def _volume(attrs: dict[str, Any]) -> int:
+    """Global number of lattice sites, from the ``shape`` attribute."""
+    return math.prod(int(s) for s in np.atleast_1d(attrs.get("shape", [])))
+
+
+def _proposals(attrs: dict[str, Any]) -> dict[str, Any]:
+    """ESS and Pareto k-hat of the proposals of an IMH chain, where its sampler recorded them.
+
+    The chain is exact whatever the flow, but a heavy tail of the proposals' weights (k-hat > 0.7)
+    makes it stick for long stretches on rare states, and its Gamma-method errors understate the
+    truth for the same reason a reweighted estimate's do."""
+    if str(attrs.get("sampler", "")) != "imh" or "ess" not in attrs:
+        return {}
+    from gaugeflow.sampling.weights import weights_warning
+
+    ess = float(attrs["ess"])
+    n = int(attrs.get("n_proposals", attrs.get("n_cfg", 0)))
+    khat = float(attrs.get("khat", math.nan))
+    n_eff = ess * n if math.isfinite(ess) else 0.0
+    return {"ess": ess, "n_eff": n_eff, "khat": khat, "n_proposals": n, "warning": weights_warning(khat, n_eff)}
 
 
 def _exact(attrs: dict[str, Any]) -> dict[str, float]:
-    """Exact finite-volume plaquette and log Z of 2d Wilson gauge theories (character expansion)."""
+    """Exact finite-volume plaquette and log Z of 2d Wilson gauge theories (character expansion), and
+    for U(1) the moments of the geometric topological charge."""
     group = attrs.get("group")
     shape = [int(s) for s in np.atleast_1d(attrs.get("shape", []))]
     c1 = attrs.get("c1", 0.0 if attrs.get("action", "wilson") == "wilson" else None)
@@ -178,9 +212,13 @@ def _exact(attrs: dict[str, Any]) -> dict[str, float]:
 
     group, beta, shape = str(group), float(attrs["beta"]), tuple(shape)
     try:
-        return {"plaquette": exact.plaquette(group, beta, shape), "log_z": exact.log_z(group, beta, shape)}
+        out = {"plaquette": exact.plaquette(group, beta, shape), "log_z": exact.log_z(group, beta, shape)}
     except (ValueError, TypeError, OverflowError, RuntimeError):
         return {}  # a group or coupling outside the exact solution's reach: nothing to compare with
+    from gaugeflow.sampling.summary import exact_topology
+
+    out.update(exact_topology(group, shape, beta, c1))  # 2d U(1): <Q^2> and chi_t as well
+    return out
 
 
 def _autocorrelation(x: np.ndarray, s_tau: float):
@@ -257,6 +295,8 @@ def _summary(ens: EnsembleAnalysis | None, training: TrainingRun | None, s_tau: 
                     n_therm=ens.n_therm, n_used=ens.n_cfg - ens.n_therm)
         if ens.reweighting:
             out["_reweighting"] = dict(ens.reweighting)
+        if ens.proposals:
+            out["_proposals"] = dict(ens.proposals)
         if ens.exact:
             out["_exact"] = dict(ens.exact)
     if training is not None:
@@ -331,18 +371,21 @@ def plot_training(training: TrainingRun, plot_dir: pathlib.Path, written: list) 
 
 
 def _report(ens, training, summary_path, written, s_tau) -> None:
-    lines = []
+    from gaugeflow.cli.sample import format_khat, warn
+
+    lines, warnings = [], []
     if ens is not None:
         a = ens.attrs
         params = ", ".join(f"{k}={a[k]}" for k in PARAMS if k in a)
         method = f"Gamma method (S={s_tau:g})" if ens.method == "gamma_method" else "reweighted independent draws"
         lines.append(f"analyze {ens.path}: {a.get('theory')} ({params}) shape={_shape(a)}, "
                      f"{ens.n_cfg - ens.n_therm} configurations after n_therm={ens.n_therm}, {method}")
+        w = max([22, *(len(name) for name in ens.estimates)])
         for name, est in ens.estimates.items():
             if name == "action":
                 continue  # extensive and rarely of interest; it is in summary.json
             label = {"exp_minus_delta_h": "<exp(-dH)>"}.get(name, name)
-            line = f"  {label:<22} {est.mean:.6g} +- {est.err:.2g}   tau_int {est.tau_int:.2f}"
+            line = f"  {label:<{w}} {est.mean:.6g} +- {est.err:.2g}   tau_int {est.tau_int:.2f}"
             if name == "exp_minus_delta_h":
                 line += "   (must be 1 within errors)"
             if name in ens.exact:
@@ -350,11 +393,19 @@ def _report(ens, training, summary_path, written, s_tau) -> None:
             lines.append(line)
         if ens.reweighting:
             r = ens.reweighting
-            lines.append(f"  {'ESS':<22} {r['ess']:.4f}   ({r['n_eff']:.1f} effective of {ens.log_w.size} draws)")
-            line = f"  {'log Z estimate':<22} {r['log_z']:.6g} +- {r['log_z_err']:.2g}"
+            lines.append(f"  {'ESS':<{w}} {r['ess']:.4f}   ({r['n_eff']:.1f} effective of {ens.log_w.size} draws)")
+            lines.append(f"  {'Pareto k-hat':<{w}} {format_khat(r['khat'])}   (> 0.7: weights unreliable)")
+            line = f"  {'log Z estimate':<{w}} {r['log_z']:.6g} +- {r['log_z_err']:.2g}"
             if "log_z" in ens.exact:
                 line += f"   exact {ens.exact['log_z']:.6g}"
             lines.append(line)
+            warnings.append(r["warning"])
+        if ens.proposals:
+            p = ens.proposals
+            lines.append(f"  {'ESS (proposals)':<{w}} {p['ess']:.4f}   ({p['n_eff']:.1f} effective of "
+                         f"{p['n_proposals']} proposals, as sampled)")
+            lines.append(f"  {'Pareto k-hat':<{w}} {format_khat(p['khat'])}   (> 0.7: weights unreliable)")
+            warnings.append(p["warning"])
     if training is not None:
         last = training.last()
         shown = ", ".join(f"{k} {last[k]:.6g}" for k in ("loss", "free_energy", "ess", "lr") if k in last)
@@ -362,6 +413,9 @@ def _report(ens, training, summary_path, written, s_tau) -> None:
     lines.append(f"wrote {summary_path}" + (f" and {len(written)} plots in {summary_path.parent / 'plots'}"
                                              if written else ""))
     print("\n".join(lines))
+    sys.stdout.flush()
+    for message in warnings:
+        warn(message, "analyze")
 
 
 def _shape(attrs) -> list[int]:

@@ -6,10 +6,16 @@ arXiv:1904.12072, train with the reverse one, which does not). With the exact lo
 theory this gives the forward KL itself; like the reverse KL it vanishes only for q = p. An
 ensemble of independent flow draws (``gaugeflow sample sample.method=reweight``) is reweighted
 to p with its own stored weights.
+
+The model runs in ``score.dtype`` (float64 by default, whatever the training dtype). Beside the
+estimate go the ESS and the Pareto k-hat of the weights: of the stored weights for independent
+flow draws, else the forward ESS ``1 / (<w>_p <1/w>_p)`` of ``w = p~/q`` over the ensemble as
+samples of p, which sees the regions of p the flow misses.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -25,21 +31,24 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from gaugeflow.cli.build import theory_from_config
-from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require, resolve_device
+from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require, resolve_device, resolve_dtype
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
-from gaugeflow.cli.sample import write_summary
+from gaugeflow.cli.sample import format_khat, target_line, target_record, warn, write_summary
 from gaugeflow.exact import reference_values
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.io.provenance import provenance
 from gaugeflow.sampling.statistics import gamma_method
 from gaugeflow.sampling.summary import reweighted
+from gaugeflow.sampling.weights import KHAT_MAX, MIN_EFFECTIVE, forward_effective_sample_size, pareto_khat, \
+    weight_diagnostics
 
 
 @dataclass
 class ScoreConf:
     batch_size: int = 256
+    dtype: str = "float64"  # the model's precision (float32: the training precision of a default run)
     progress: bool = True
 
 
@@ -67,14 +76,15 @@ def run_score(cfg: DictConfig) -> dict:
     require(bool(cfg.checkpoint), "checkpoint=<checkpoint file or run directory> is required")
     require(bool(cfg.ensemble), "ensemble=<ensemble file> is required")
     require(cfg.score.batch_size >= 1, f"score.batch_size must be >= 1, got {cfg.score.batch_size}")
+    dtype = resolve_dtype(str(cfg.score.dtype), "score.dtype")
     device = resolve_device(cfg.device)
     where = f"checkpoint={cfg.checkpoint}"
     cfg, ck = restore_config(cfg, cfg.checkpoint, "checkpoint", load=("model",))
     theory = theory_from_config(cfg)
     ens = read_ensemble(cfg.ensemble, load_fields=False)
     _check_ensemble(ens, theory, f"ensemble={cfg.ensemble}", where)
-    model = restore_model(cfg, theory, ck, device, where)
-    dtype = training_dtype(ck, where)
+    model = restore_model(cfg, theory, ck, device, where, dtype=dtype)
+    trained = training_dtype(ck, where)
 
     n, bs = ens.n_cfg, int(cfg.score.batch_size)
     log_q = np.empty(n, dtype=np.float64)
@@ -84,7 +94,7 @@ def run_score(cfg: DictConfig) -> dict:
         ds = f[ens.field_name]
         for i in range(0, n, bs):
             x = torch.from_numpy(np.asarray(ds[i:i + bs])).to(device)
-            # the action in float64 whatever the file holds; log q in the model's own precision
+            # the action in float64 whatever the file holds; log q in score.dtype
             log_p[i:i + bs] = (-theory.action(x.to(theory.field_dtype(torch.float64)))).double().cpu().numpy()
             log_q[i:i + bs] = model.log_prob(x.to(theory.field_dtype(dtype))).double().cpu().numpy()
             bar.advance()
@@ -94,28 +104,77 @@ def run_score(cfg: DictConfig) -> dict:
     est = gamma_method(diff) if stored_w is None else reweighted(diff, stored_w)
     exact = reference_values(theory)
     summary = {"log_p_minus_log_q": {"mean": est.mean, "err": est.err, "tau_int": est.tau_int},
-               "n": n, "weighted": stored_w is not None}
+               "n": n, "weighted": stored_w is not None, "model_dtype": str(dtype).removeprefix("torch.")}
+    summary.update(_weights(diff, stored_w))
+    ck_sha = sha256_file(ck.path)
+    summary["target_changes"] = target_record(cfg, ck)
+    summary["log_q_vs_ensemble"] = _log_q_check(ens, log_q, ck_sha)
     if "log_z" in exact:
         summary["log_z_exact"] = exact["log_z"]
         summary["forward_kl"] = {"mean": est.mean - exact["log_z"], "err": est.err}
     attrs = theory.attributes()
     attrs.update(
         config=OmegaConf.to_yaml(cfg, resolve=True),
+        target_changes=json.dumps(summary["target_changes"]),
         ensemble=str(ens.path.resolve()),
         ensemble_sha256=sha256_file(ens.path),
         checkpoint=str(ck.path.resolve()),
-        checkpoint_sha256=sha256_file(ck.path),
+        checkpoint_sha256=ck_sha,
         checkpoint_step=int(ck.step),
         model_dtype=str(dtype).removeprefix("torch."),
+        training_dtype=str(trained).removeprefix("torch."),
         n_cfg=n,
         log_p_minus_log_q=est.mean,
         log_p_minus_log_q_err=est.err,
+        ess=float(summary["ess"]),
+        ess_kind=summary["ess_kind"],
+        khat=float(summary["khat"]),
     )
     out = _write_scores(cfg.out, log_q, log_p, attrs)
     summary.update(ensemble=str(ens.path.resolve()), checkpoint=str(ck.path.resolve()), out=str(out))
     write_summary(summary)
     _report(theory, summary, ens, ck, out)
     return summary
+
+
+def _weights(diff: np.ndarray, stored_w: np.ndarray | None) -> dict:
+    """ESS, Pareto k-hat and warning of the weights that go with this ensemble.
+
+    Independent flow draws: their stored weights, with which the estimate is reweighted. An
+    ensemble distributed as p (a chain): the forward ESS ``1 / (<w>_p <1/w>_p)`` of ``w = p~/q``, and
+    the k-hat of ``w`` over these samples of p: a heavy tail (k-hat > 0.7) means the flow misses
+    regions of p, so that its own draws (IMH, reweighting) would carry error bars that understate
+    the truth; k-hat assumes independent draws, so for a correlated chain it is indicative.
+    """
+    if stored_w is not None:
+        d = weight_diagnostics(stored_w)
+        return {"ess": d["ess"], "ess_kind": "stored weights", "n_eff": d["n_eff"], "khat": d["khat"],
+                "weights_warning": d["warning"]}
+    ess = forward_effective_sample_size(diff)
+    n_eff = ess * diff.size if math.isfinite(ess) else 0.0
+    khat = pareto_khat(diff)
+    reasons = []
+    if khat > KHAT_MAX:
+        reasons.append(f"Pareto k-hat of p/q over the ensemble {khat:.2f} > {KHAT_MAX:g}")
+    if n_eff < MIN_EFFECTIVE:
+        reasons.append(f"N x forward ESS = {n_eff:.1f} < {MIN_EFFECTIVE:g}")
+    warning = None
+    if reasons:
+        warning = (f"the flow misses part of p ({'; '.join(reasons)}; PSIS, Vehtari et al. 1507.02646): "
+                   "its IMH chains and reweighted estimates would have error bars that understate the truth")
+    return {"ess": ess, "ess_kind": "forward", "n_eff": n_eff, "khat": khat, "weights_warning": warning}
+
+
+def _log_q_check(ens, log_q: np.ndarray, ck_sha: str) -> dict | None:
+    """For an ensemble this checkpoint sampled: how far the ensemble's stored ``log_q`` (from the
+    sampler) is from the inverse pass here — the precision of the sampler's log q (float32 sampling
+    scored in float64), or a flow whose inverse is not the map its log-det describes."""
+    if "log_q" not in ens.columns or str(ens.attrs.get("checkpoint_sha256", "")) != ck_sha:
+        return None
+    stored = np.asarray(ens.columns["log_q"], dtype=np.float64)
+    d = np.abs(stored - log_q)
+    return {"max_abs": float(d.max()), "rms": float(np.sqrt(np.mean(d**2))),
+            "ensemble_model_dtype": str(ens.attrs.get("model_dtype", ""))}
 
 
 def _check_ensemble(ens, theory, where: str, ck_where: str) -> None:
@@ -178,17 +237,27 @@ def _write_scores(path, log_q: np.ndarray, log_p: np.ndarray, attrs: dict) -> pa
 def _report(theory, summary, ens, ck, out) -> None:
     est = summary["log_p_minus_log_q"]
     how = "reweighted with the ensemble's weights" if summary["weighted"] else f"tau_int {est['tau_int']:.2f}"
+    ess_label = "ESS (stored weights)" if summary["ess_kind"] == "stored weights" else "ESS (forward)"
     lines = [
         f"score {theory.name} shape={list(theory.lattice.shape)}: {summary['n']} configurations of {ens.path} "
-        f"under {ck.path} (step {ck.step})",
+        f"under {ck.path} (step {ck.step}), model in {summary['model_dtype']}",
+        *([target_line(summary["target_changes"])] if summary["target_changes"] else []),
         f"  {'E_p[log p~ - log q]':<22} {est['mean']:.6g} +- {est['err']:.2g}   {how}   (= KL(p||q) + log Z)",
+        f"  {ess_label:<22} {summary['ess']:.4f}   ({summary['n_eff']:.1f} effective of {summary['n']})",
+        f"  {'Pareto k-hat':<22} {format_khat(summary['khat'])}   (> 0.7: weights unreliable)",
     ]
     if "log_z_exact" in summary:
         kl = summary["forward_kl"]
         lines.append(f"  {'log Z':<22} exact {summary['log_z_exact']:.6g}")
         lines.append(f"  {'forward KL(p||q)':<22} {kl['mean']:.6g} +- {kl['err']:.2g}")
+    check = summary.get("log_q_vs_ensemble")
+    if check is not None:
+        lines.append(f"  {'|log q - sampled|':<22} max {check['max_abs']:.3g}   rms {check['rms']:.3g}   "
+                     f"(the ensemble's log_q, sampled in {check['ensemble_model_dtype'] or '?'})")
     lines.append(f"wrote log_q and log_p of {summary['n']} configurations to {out}")
     print("\n".join(lines))
+    sys.stdout.flush()
+    warn(summary["weights_warning"], "score")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="score")

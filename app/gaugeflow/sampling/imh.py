@@ -21,6 +21,7 @@ the next and produces the same chain as one pass over all proposals.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -59,7 +60,8 @@ class IndependenceMetropolis:
         lw = log_w.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
         lw = torch.nan_to_num(lw, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         b = lw.numel()
-        log_u = torch.log(torch.rand(b, generator=self.generator, dtype=torch.float64))
+        # on the CPU, explicitly: never torch's default device (which may be an accelerator)
+        log_u = torch.log(torch.rand(b, generator=self.generator, dtype=torch.float64, device="cpu"))
         accepted = [False] * b
         current = [0] * b
         c, cw, base = self.current, self.current_log_w, self.n_seen
@@ -76,7 +78,8 @@ class IndependenceMetropolis:
         self.n_seen += b
         n_acc = sum(accepted)
         self.n_accepted += n_acc
-        return torch.tensor(accepted, dtype=torch.bool), torch.tensor(current, dtype=torch.int64)
+        return (torch.tensor(accepted, dtype=torch.bool, device="cpu"),
+                torch.tensor(current, dtype=torch.int64, device="cpu"))
 
     @property
     def acceptance(self) -> float:
@@ -105,3 +108,41 @@ def gather_chain(current: torch.Tensor, offset: int, batch: torch.Tensor,
         return batch[local]
     rows = torch.cat([carried.reshape(1, *batch.shape[1:]).to(batch), batch])
     return rows[torch.where(local >= 0, local + 1, torch.zeros_like(local))]
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """Chain positions ``start .. start+count-1`` of one block of a step, and the global index of the
+    configuration its first row needs from outside the block (None: the block needs nothing)."""
+
+    start: int
+    count: int
+    entering: int | None
+
+
+def block_entries(current: torch.Tensor, offset: int, block: int, n_blocks: int) -> list[BlockEntry]:
+    """Split a step of the chain (``current``: proposal index of each position, positions and
+    proposals ``offset ..``) into ``n_blocks`` consecutive blocks of ``block`` positions, the last
+    ones shorter or empty, as ranks hold the proposals of a distributed step.
+
+    Within a block the chain sits on the block's own proposals or on the state it was in when the
+    block began: ``current[i] <= i`` and ``current`` never decreases. So a block's rows are
+    :func:`gather_chain` of its own proposals and at most one configuration from outside, the one
+    named by ``entering`` (a proposal of an earlier block or the state carried over from an earlier
+    step). A block whose first proposal is accepted needs none.
+
+    >>> [(e.start, e.count, e.entering) for e in block_entries(torch.tensor([0, 0, 2, 2, 2]), 0, 2, 3)]
+    [(0, 2, None), (2, 2, None), (4, 1, 2)]
+    """
+    b = current.numel()
+    out = []
+    for r in range(n_blocks):
+        lo = r * block
+        count = max(0, min(block, b - lo))
+        entering = None
+        if count:
+            first = int(current[lo])
+            if first < offset + lo:
+                entering = first
+        out.append(BlockEntry(offset + lo, count, entering))
+    return out

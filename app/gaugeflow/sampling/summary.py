@@ -4,6 +4,9 @@ A Markov chain (HMC, independence Metropolis) is analysed with the Gamma method
 (Wolff hep-lat/0306017, via pyerrors); independent flow draws with importance weights
 ``w = exp(log p - log q)`` give the ratio estimator ``<O> = <O w>_q / <w>_q``, whose error
 pyerrors propagates (linearised) from the two correlated means.
+
+:func:`topology` derives ``<Q^2>`` and the topological susceptibility ``chi_t = <Q^2> / V`` from
+the per-configuration charge, with the same estimators.
 """
 
 from __future__ import annotations
@@ -44,3 +47,39 @@ def summarize(series: Mapping[str, object], log_w=None, s_tau: float = 2.0) -> d
     if log_w is None:
         return {k: gamma_method(v, s_tau) for k, v in series.items()}
     return {k: reweighted(v, log_w, s_tau) for k, v in series.items()}
+
+
+#: names of the derived topology estimates (summary.json keys of sample and analyze)
+TOPOLOGY = ("topological_charge_squared", "topological_susceptibility")
+
+
+def topology(charge, volume: int, log_w=None, s_tau: float = 2.0) -> dict[str, Estimate]:
+    """``<Q^2>`` and ``chi_t = <Q^2> / V`` (``V`` the global number of sites) from the series of
+    topological charges ``charge``: Gamma method on a chain, reweighted when ``log_w`` is given.
+
+    ``<Q>`` vanishes by symmetry, so ``<Q^2>`` is the susceptibility's numerator (a nonzero
+    measured ``<Q>`` is a sign of a chain that does not tunnel, not something to subtract).
+    ``chi_t`` is a constant multiple of ``<Q^2>``: same relative error, same ``tau_int``.
+    """
+    if volume <= 0:
+        raise ValueError(f"volume must be positive, got {volume}")
+    q2 = np.square(np.asarray(charge, dtype=np.float64).reshape(-1))
+    est = gamma_method(q2, s_tau) if log_w is None else reweighted(q2, log_w, s_tau)
+    chi = Estimate(est.mean / volume, est.err / volume, est.tau_int, est.tau_int_err)
+    return {TOPOLOGY[0]: est, TOPOLOGY[1]: chi}
+
+
+def exact_topology(group: str | None, shape, beta, c1=0.0) -> dict[str, float]:
+    """Exact finite-volume ``<Q>`` (0), ``<Q^2>`` and ``chi_t`` of the geometric charge of 2d U(1) with
+    the Wilson action (:func:`gaugeflow.exact.u1_q2`), else ``{}``."""
+    shape = [int(s) for s in shape]
+    if str(group).lower().replace("(", "").replace(")", "") != "u1" or len(shape) != 2 or beta is None or (c1 not in (None, 0, 0.0)):
+        return {}
+    from gaugeflow import exact
+
+    volume = math.prod(shape)
+    try:
+        q2 = exact.u1_q2(float(beta), volume)
+    except (ValueError, TypeError, OverflowError, RuntimeError):
+        return {}
+    return {"topological_charge": 0.0, TOPOLOGY[0]: q2, TOPOLOGY[1]: q2 / volume}
