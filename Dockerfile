@@ -2,7 +2,8 @@
 #   docker build -t gaugeflow . && docker run --rm gaugeflow            # default job
 #   docker run --rm -w /opt/gaugeflow gaugeflow python -m pytest        # tests
 # Aurora does not run containers for this: frameworks module + venv (README, jobs/aurora/README.md).
-# For NVIDIA GPUs start from a CUDA PyTorch image instead (e.g. pytorch/pytorch:<ver>-cuda<ver>-cudnn9-runtime),
+# For NVIDIA GPUs start from a CUDA PyTorch image instead (e.g. pytorch/pytorch:<ver>-cuda<ver>-cudnn9-runtime
+# with torch 2.6 or newer, which gaugeflow needs),
 # drop the torch line below and keep the rest.
 FROM python:3.11-slim
 

@@ -19,14 +19,21 @@ USAGE = "usage: gaugeflow <job> [key=value ...] [group=option ...] [--help]\n\nj
 
 
 def main(argv: list[str] | None = None) -> None:
+    # first of all: an older torch (an HPC module's, say) ends here with one line, before Hydra,
+    # the launch detection or any job imports what that torch lacks
+    from gaugeflow.requirements import require_torch
+
+    require_torch()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
     if argv[0] in ("-V", "--version"):
+        import torch
+
         from gaugeflow import __version__
 
-        print(f"gaugeflow {__version__}")
+        print(f"gaugeflow {__version__} (torch {torch.__version__})")
         sys.exit(0)
     job = argv[0]
     if job not in JOBS:
