@@ -269,3 +269,25 @@ def test_a_run_written_before_resolved_architectures_and_cycles_resumes(tmp_path
         del f["model"]["flow.layers.0.net.net.0.weight"]
     line = one_line_error(gaugeflow(*SMALL, "model.hidden=null", "resume=run", "hydra.run.dir=x", cwd=tmp_path))
     assert "flow.layers.0.net.net.0.weight" in line
+
+
+@pytest.mark.parametrize("job", ["train", "sample", "score"])
+def test_allow_targets_is_a_key_of_every_job_that_reads_checkpoints(job):
+    from hydra import compose, initialize_config_dir
+
+    import gaugeflow.cli.sample  # noqa: F401  (registers the sample and score schemas)
+    import gaugeflow.cli.score  # noqa: F401
+    import gaugeflow.cli.train  # noqa: F401
+    from gaugeflow.cli.common import CONFIG_DIR
+    from gaugeflow.cli.restore import check_targets
+    from gaugeflow.cli.common import UsageError
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(job, overrides=["allow_targets=[mypkg]"])
+    assert list(cfg.allow_targets) == ["mypkg"]
+    allowed = ("gaugeflow.", "torch.", *cfg.allow_targets)
+    check_targets({"a": {"_target_": "mypkg.Flow"}, "b": [{"_target_": "torch.optim.Adam"}]}, allowed, "x")
+    with pytest.raises(UsageError, match="mypkgx.Flow"):
+        check_targets({"a": [{"_target_": "mypkgx.Flow"}]}, allowed, "x")  # a prefix is a package, not a string
+    with pytest.raises(UsageError, match="os.system"):
+        check_targets({"_target_": "os.system"}, ("gaugeflow.", "torch."), "x")

@@ -23,7 +23,7 @@ import pathlib
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import h5py
 import hydra
@@ -69,6 +69,7 @@ class SampleJob:
     model: ModelConf = field(default_factory=ModelConf)
     sample: SampleConf = field(default_factory=SampleConf)
     checkpoint: Optional[str] = None
+    allow_targets: List[str] = field(default_factory=list)  # _target_ prefixes beyond gaugeflow. and torch.
     seed: int = 0
     device: str = "cpu"
     out: str = MISSING

@@ -21,7 +21,7 @@ import os
 import pathlib
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 import h5py
 import hydra
@@ -59,6 +59,7 @@ class ScoreJob:
     model: ModelConf = field(default_factory=ModelConf)
     score: ScoreConf = field(default_factory=ScoreConf)
     checkpoint: Optional[str] = None
+    allow_targets: List[str] = field(default_factory=list)  # _target_ prefixes beyond gaugeflow. and torch.
     ensemble: Optional[str] = None
     device: str = "cpu"
     out: str = MISSING
