@@ -204,7 +204,7 @@ def test_peak_memory_is_mib_on_linux_and_macos(monkeypatch):
     assert train._peak_mb(torch.device("cpu")) == 300 * 1024
 
 
-@pytest.mark.parametrize("n", [3, 12])
+@pytest.mark.parametrize("n", [3, pytest.param(12, marks=pytest.mark.slow)])  # 12: an Aurora node, ~1 min
 def test_default_training_on_any_number_of_ranks(tmp_path, n):
     # the theory's default batch (256 for u1_2d) on 3 or 12 replicas (an Aurora node), no hydra.run.dir:
     # rounded up to the next multiple, said once; only rank 0 makes a run directory
