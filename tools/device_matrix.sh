@@ -7,6 +7,7 @@
 set -u
 DEV=${1:-cuda}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 export WANDB_MODE=disabled HYDRA_FULL_ERROR=0
 fails=0
 
