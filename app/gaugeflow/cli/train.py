@@ -535,11 +535,9 @@ def _evaluate(model, theory, par: Parallel, n, batch, seed, device, deadline: fl
 
 def _khat(log_w: torch.Tensor) -> dict:
     """Pareto k-hat of the log weights and the one-line warning when the error bars understate."""
-    from gaugeflow.sampling import weights
+    from gaugeflow.sampling.weights import weight_diagnostics
 
-    if not hasattr(weights, "weight_diagnostics"):
-        return {}
-    d = weights.weight_diagnostics(log_w)
+    d = weight_diagnostics(log_w)
     return {"khat": d["khat"], **({"weights_warning": d["warning"]} if d.get("warning") else {})}
 
 
