@@ -160,7 +160,7 @@ def test_multirun_sweep(tmp_path):
 def test_a_peer_failure_is_one_line_exit_1(capsys):
     # a rank that died mid-run (raised by the collectives' guard) ends every job the same way
     from gaugeflow.cli.common import guarded
-    from gaugeflow.dist import PeerFailure
+    from gaugeflow.distributed import PeerFailure
 
     def job(cfg):
         raise PeerFailure("rank 0 of 2: all_reduce failed after 0.3 s: rank 1 did not report within 30 s (exited "

@@ -157,8 +157,8 @@ def test_training_step_metrics_and_evaluation_on_the_generators_device(name, met
     # the train job's loop pieces: a step with gradient accumulation, its metrics row and the
     # end-of-run evaluation (the model is built on the CPU first, as a job builds it before .to(device))
     from gaugeflow.cli.train import _accumulated_step, _evaluate, _metrics
-    from gaugeflow.dist.init import DistContext
-    from gaugeflow.dist.parallel import Parallel
+    from gaugeflow.distributed.init import DistContext
+    from gaugeflow.distributed.parallel import Parallel
     from gaugeflow.train.losses import ReverseKL
 
     cfg = preset(name)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from gaugeflow.dist import (
+from gaugeflow.distributed import (
     DistConf,
     DistConfigError,
     LaunchError,
@@ -30,8 +30,8 @@ from gaugeflow.dist import (
     rank_seed,
     select_device,
 )
-from gaugeflow.dist import env as env_mod
-from gaugeflow.dist.env import expand_tasks_per_node, first_slurm_host
+from gaugeflow.distributed import env as env_mod
+from gaugeflow.distributed.env import expand_tasks_per_node, first_slurm_host
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -361,7 +361,7 @@ def test_config_strategy_none_refuses_a_multi_rank_launch():
 _RANK_SCRIPT = textwrap.dedent("""
     import json, os, sys, time
     import torch, torch.distributed as dist
-    from gaugeflow.dist import PeerFailure, init_distributed, rank_seed
+    from gaugeflow.distributed import PeerFailure, init_distributed, rank_seed
     mode, timeout = sys.argv[1], float(sys.argv[2])
     t0 = time.monotonic()
     # a generous start-up bound: the test machine may start the two interpreters seconds apart

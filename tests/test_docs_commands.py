@@ -415,7 +415,7 @@ def _forkserver():
         ctx = multiprocessing.get_context("forkserver")
         # what every child would import anyway: torch, Hydra, the jobs, and this module (the child's target)
         ctx.set_forkserver_preload(["torch", "h5py", "numpy", "hydra", "omegaconf", "yaml", "pytest",
-                                    "gaugeflow.cli.main", "gaugeflow.dist", "gaugeflow.cli.hmc",
+                                    "gaugeflow.cli.main", "gaugeflow.distributed", "gaugeflow.cli.hmc",
                                     "gaugeflow.cli.train", "gaugeflow.cli.sample", "gaugeflow.cli.score",
                                     "gaugeflow.cli.analyze", "gaugeflow.train", "gaugeflow.observables",
                                     "gaugeflow.plots", "matplotlib.pyplot", "pyerrors", "scipy.stats",
@@ -669,7 +669,7 @@ class Planner:
         return entry
 
     def job_number(self) -> str:
-        from gaugeflow.dist.env import job_port
+        from gaugeflow.distributed.env import job_port
 
         for jid in self._jobs:  # one whose rendezvous port is free now
             with socket.socket() as s:

@@ -1,4 +1,4 @@
-"""Lattice domain decomposition (gaugeflow.dist.domain) against single-process runs.
+"""Lattice domain decomposition (gaugeflow.distributed.domain) against single-process runs.
 
 The test starts 2 and 4 CPU processes (gloo) itself. The single-process values are computed
 here, in the parent, and handed to every process (forked where the platform can), which
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gaugeflow.dist.domain import Decomposition, decomposed, grid_layout
+from gaugeflow.distributed.domain import Decomposition, decomposed, grid_layout
 from gaugeflow.flows.conv import periodic_conv
 from gaugeflow.flows.masks import gauge_mask_schedule
 from gaugeflow.flows.models import build_flow_model

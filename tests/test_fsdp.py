@@ -37,14 +37,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gaugeflow.dist.fsdp import (
+from gaugeflow.distributed.fsdp import (
     allreduce_gradients,
     clip_grad_norm,
     is_sharded,
     reduce_metrics,
     shard_flow_model,
 )
-from gaugeflow.dist.init import rank_seed
+from gaugeflow.distributed.init import rank_seed
 from gaugeflow.flows.models import build_flow_model
 from gaugeflow.io.checkpoint import CheckpointError, load_checkpoint
 from gaugeflow.io.sharded import (

@@ -53,7 +53,7 @@ def flow(cfg_text):
 def expected_chain(cfg, theory, state, seed, n, bs, world):
     """The proposals of every rank's stream, in rank order per step, and the chain over them."""
     from gaugeflow.cli.build import model_from_config
-    from gaugeflow.dist.init import rank_seed
+    from gaugeflow.distributed.init import rank_seed
     from gaugeflow.sampling.imh import IndependenceMetropolis, block_entries
 
     model = model_from_config(cfg, theory, torch.float64, torch.device("cpu"))

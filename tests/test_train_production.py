@@ -227,8 +227,8 @@ def test_fsdp_mixed_precision_reduces_gradients_in_float32_by_default(monkeypatc
 
     from gaugeflow.cli.common import CONFIG_DIR
     from gaugeflow.cli.train import _param_dtype
-    from gaugeflow.dist import fsdp
-    from gaugeflow.dist.parallel import Parallel
+    from gaugeflow.distributed import fsdp
+    from gaugeflow.distributed.parallel import Parallel
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=["dist=fsdp", "dist.param_dtype=bfloat16"])

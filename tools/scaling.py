@@ -12,7 +12,7 @@ all-reduces, all-gathers, broadcasts), and the peak resident memory per rank.
 * ``domain`` strong: the global lattice (``--shape``) split along the leading axes;
   ``domain`` weak: each rank keeps a block of ``--shape``, the global lattice grows.
 * ``ddp`` strong: the global batch split over replicas; weak: each rank keeps ``--batch``.
-* ``fsdp`` (when gaugeflow.dist.fsdp provides it): as ddp, parameters sharded per layer.
+* ``fsdp`` (when gaugeflow.distributed.fsdp provides it): as ddp, parameters sharded per layer.
 
 Figures go to docs/scaling.md. Ranks beyond the machine's cores oversubscribe it: the
 seconds then measure contention, while bytes and memory stay meaningful.
@@ -90,8 +90,8 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from gaugeflow.dist.init import init_distributed, rank_seed
-    from gaugeflow.dist.parallel import Parallel
+    from gaugeflow.distributed.init import init_distributed, rank_seed
+    from gaugeflow.distributed.parallel import Parallel
     from gaugeflow.flows.models import build_flow_model
     from gaugeflow.theories import build_theory
     from gaugeflow.train.losses import reverse_kl

@@ -45,11 +45,11 @@ def resolve_model_config(cfg: DictConfig, theory) -> None:
 
 
 def parallel_from_config(cfg: DictConfig):
-    """The process layout from ``cfg.dist`` (:class:`gaugeflow.dist.parallel.Parallel`); launch and
+    """The process layout from ``cfg.dist`` (:class:`gaugeflow.distributed.parallel.Parallel`); launch and
     layout errors are one-line usage errors. Call ``.ctx.shutdown()`` when done."""
-    from gaugeflow.dist.env import LaunchError
-    from gaugeflow.dist.init import DistConfigError, init_from_config
-    from gaugeflow.dist.parallel import Parallel
+    from gaugeflow.distributed.env import LaunchError
+    from gaugeflow.distributed.init import DistConfigError, init_from_config
+    from gaugeflow.distributed.parallel import Parallel
 
     try:
         ctx = init_from_config(cfg.dist)

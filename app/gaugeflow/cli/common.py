@@ -75,12 +75,12 @@ def _remove_bookkeeping_only(path: pathlib.Path) -> None:
 
 def guarded(job: Callable[[object], None]) -> Callable[[object], None]:
     """Turn the project's input errors raised by ``job`` into one-line errors with exit code 2,
-    and a peer rank's failure (:class:`gaugeflow.dist.PeerFailure`) into one line with exit code 1."""
+    and a peer rank's failure (:class:`gaugeflow.distributed.PeerFailure`) into one line with exit code 1."""
 
     def run(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
-        from gaugeflow.dist.init import PeerFailure
+        from gaugeflow.distributed.init import PeerFailure
         from gaugeflow.io.ensemble import EnsembleError
 
         try:

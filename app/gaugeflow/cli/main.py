@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gaugeflow: unknown job {job!r}; choose one of {', '.join(JOBS)}", file=sys.stderr)
         sys.exit(2)
     # ranks other than 0 of a multi-process launch stay out of the run directory
-    from gaugeflow.dist.env import LaunchError, detect_launch, main_only_hydra_overrides
+    from gaugeflow.distributed.env import LaunchError, detect_launch, main_only_hydra_overrides
 
     try:
         rank = detect_launch().rank

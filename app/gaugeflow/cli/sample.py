@@ -38,7 +38,7 @@ from gaugeflow.cli.common import (CONFIG_DIR, UsageError, guarded, parse_duratio
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
-from gaugeflow.dist.init import DistConf
+from gaugeflow.distributed.init import DistConf
 from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleWriter, parse_compression
 from gaugeflow.io.provenance import provenance
@@ -321,7 +321,7 @@ def _chain_rows(par, world: int, rank: int, x: torch.Tensor, keep: int, current:
     if par.active:
         import torch.distributed as dist
 
-        from gaugeflow.dist.wire import from_wire, to_wire
+        from gaugeflow.distributed.wire import from_wire, to_wire
 
         ops, keep_alive = [], []
         recv = None

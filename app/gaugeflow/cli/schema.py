@@ -12,7 +12,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from gaugeflow.dist.init import DistConf
+from gaugeflow.distributed.init import DistConf
 from gaugeflow.monitor import LoggerConf
 
 

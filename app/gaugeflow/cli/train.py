@@ -30,11 +30,11 @@ from gaugeflow.cli.build import model_from_config, parallel_from_config, resolve
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config, sha256_file, state_dict_mismatch
 from gaugeflow.exact import reference_values
-from gaugeflow.dist.init import PeerFailure
-from gaugeflow.dist.parallel import Parallel
+from gaugeflow.distributed.init import PeerFailure
+from gaugeflow.distributed.parallel import Parallel
 from gaugeflow.monitor import build_logger
 from gaugeflow.cli.schema import register
-from gaugeflow.dist.fsdp import clip_grad_norm
+from gaugeflow.distributed.fsdp import clip_grad_norm
 from gaugeflow.io.checkpoint import CheckpointError, checkpoint_path, remove_stale_temporaries, save_checkpoint
 from gaugeflow.io.sharded import load_sharded, save_sharded, sharded_path
 from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate

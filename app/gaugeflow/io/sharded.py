@@ -261,7 +261,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _device():
-    from gaugeflow.dist.fsdp import collective_device
+    from gaugeflow.distributed.fsdp import collective_device
 
     return collective_device()
 
@@ -337,7 +337,7 @@ def save_sharded(run_dir: str | os.PathLike, step: int, model: torch.nn.Module, 
     If any rank fails to write, every rank raises :class:`CheckpointError` naming the ranks, and
     the temporary directory is removed; a complete older checkpoint is never touched.
     """
-    from gaugeflow.dist.fsdp import reshard
+    from gaugeflow.distributed.fsdp import reshard
 
     rank, world = _rank_world()
     distributed = world > 1
@@ -745,7 +745,7 @@ def load_sharded(spec: str | os.PathLike, model: torch.nn.Module, optim=None, *,
     saving job did not have), scheduler state, theory and config. Errors (missing or corrupt
     manifest or shard, a model that does not fit) are one-line :class:`CheckpointError`.
     """
-    from gaugeflow.dist.fsdp import reshard
+    from gaugeflow.distributed.fsdp import reshard
 
     path = resolve_any_checkpoint(spec, key)
     rank = _rank_world()[0] if rank is None else int(rank)

@@ -9,7 +9,7 @@ Every neighbour access in the physics modules goes through :func:`shift`. A
 domain-decomposed run replaces the periodic ``torch.roll`` by a halo exchange
 with :func:`use_shift`, without touching actions, observables or flows.
 
-The other hooks a decomposition (:mod:`gaugeflow.dist.domain`) installs with
+The other hooks a decomposition (:mod:`gaugeflow.distributed.domain`) installs with
 :func:`use_domain`: :func:`site_sum` / :func:`site_reduce` complete a sum over this
 block's sites into the sum over the whole lattice, :func:`global_shape` gives the extents
 of the whole lattice (volumes and means divide by them), and :func:`coordinates` counts

@@ -2,7 +2,7 @@
 
 The trainer talks to :class:`Parallel` only; with one process every method is the identity, so
 the single-process path stays bitwise what it was. Ranks ``r`` hold lattice block
-``r % prod(lattice_grid)`` of replica ``r // prod(lattice_grid)`` (:mod:`gaugeflow.dist.domain`).
+``r % prod(lattice_grid)`` of replica ``r // prod(lattice_grid)`` (:mod:`gaugeflow.distributed.domain`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from gaugeflow.dist.init import DistContext, rank_seed
-from gaugeflow.dist.wire import from_wire, to_wire
+from gaugeflow.distributed.init import DistContext, rank_seed
+from gaugeflow.distributed.wire import from_wire, to_wire
 
 STRATEGIES = ("none", "ddp", "fsdp")
 
@@ -42,7 +42,7 @@ class Parallel:
             if not ctx.is_distributed:
                 raise ValueError(f"dist.lattice_grid={grid} needs {math.prod(grid)} ranks per configuration, "
                                  "but this is a single process")
-            from gaugeflow.dist.domain import Decomposition
+            from gaugeflow.distributed.domain import Decomposition
 
             with ctx.guard("lattice decomposition"):
                 self.decomp = Decomposition(shape, grid)
@@ -73,7 +73,7 @@ class Parallel:
         if self.decomp is None:
             yield
             return
-        from gaugeflow.dist.domain import decomposed
+        from gaugeflow.distributed.domain import decomposed
 
         with decomposed(self.decomp):
             yield
@@ -97,7 +97,7 @@ class Parallel:
         without it gradients are reduced in the model's dtype."""
         self.broadcast_parameters(model)
         if self.strategy == "fsdp":
-            from gaugeflow.dist.fsdp import shard_flow_model
+            from gaugeflow.distributed.fsdp import shard_flow_model
 
             return shard_flow_model(model, reshard_after_forward=reshard_after_forward, param_dtype=param_dtype,
                                     reduce_dtype=reduce_dtype if param_dtype is not None else None,
@@ -105,7 +105,7 @@ class Parallel:
         if param_dtype is not None:
             raise ValueError("dist.param_dtype (mixed precision) needs dist.strategy=fsdp")
         if activation_checkpointing:
-            from gaugeflow.dist.fsdp import apply_activation_checkpointing
+            from gaugeflow.distributed.fsdp import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
         return model
@@ -131,7 +131,7 @@ class Parallel:
             if self.decomp is not None:
                 self.decomp.reduce_gradients(params)
             else:
-                from gaugeflow.dist.fsdp import allreduce_gradients
+                from gaugeflow.distributed.fsdp import allreduce_gradients
 
                 allreduce_gradients(params)
 

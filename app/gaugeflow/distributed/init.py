@@ -2,7 +2,7 @@
 
 Order of start-up (torch ``init_process_group`` docs; ALCF Aurora PyTorch guide):
 
-1. :func:`~gaugeflow.dist.env.detect_launch` reads rank, world size and the rendezvous address;
+1. :func:`~gaugeflow.distributed.env.detect_launch` reads rank, world size and the rendezvous address;
 2. :func:`select_device` picks and *sets* this rank's accelerator (``local_rank`` modulo the
    devices it sees, so ``ZE_AFFINITY_MASK``/``CUDA_VISIBLE_DEVICES`` narrowing to one works);
 3. :func:`choose_backend` maps the device to a backend (table below);
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gaugeflow.dist.env import LaunchError, LaunchInfo, detect_launch
+from gaugeflow.distributed.env import LaunchError, LaunchInfo, detect_launch
 
 #: default collective timeout; a rank that died ends the job after at most about this long
 DEFAULT_TIMEOUT_S = 600.0

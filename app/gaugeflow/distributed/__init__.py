@@ -10,11 +10,11 @@ Typical use in a job::
     finally:
         ctx.shutdown()
 
-mpi4py is imported only when a launch needs it (see :mod:`gaugeflow.dist.env`).
+mpi4py is imported only when a launch needs it (see :mod:`gaugeflow.distributed.env`).
 """
 
-from gaugeflow.dist.env import LaunchError, LaunchInfo, detect_launch, job_port, main_only_hydra_overrides
-from gaugeflow.dist.init import (
+from gaugeflow.distributed.env import LaunchError, LaunchInfo, detect_launch, job_port, main_only_hydra_overrides
+from gaugeflow.distributed.init import (
     DEFAULT_TIMEOUT_S,
     DistConf,
     DistConfigError,

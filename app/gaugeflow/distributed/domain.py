@@ -55,7 +55,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from gaugeflow.dist.wire import from_wire, to_wire
+from gaugeflow.distributed.wire import from_wire, to_wire
 from gaugeflow.lattice import geometry
 
 __all__ = ["Decomposition", "decomposed", "grid_layout"]

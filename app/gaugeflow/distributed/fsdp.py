@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gaugeflow.dist.wire import from_wire, to_wire
+from gaugeflow.distributed.wire import from_wire, to_wire
 
 __all__ = [
     "allreduce_gradients",
@@ -167,7 +167,7 @@ def _default_mesh(model: nn.Module):
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("shard_flow_model needs an initialised process group (gaugeflow.dist.init_distributed)")
+        raise RuntimeError("shard_flow_model needs an initialised process group (gaugeflow.distributed.init_distributed)")
     param = next(model.parameters(), None)
     device = param.device.type if param is not None else "cpu"
     return init_device_mesh(device, (dist.get_world_size(),))
