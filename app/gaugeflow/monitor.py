@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
-from gaugeflow.cli.common import UsageError
+from gaugeflow.errors import UsageError
 
 
 @dataclass

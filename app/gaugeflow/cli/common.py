@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from gaugeflow.errors import UsageError, require  # noqa: F401  (re-exported for the jobs)
+
 #: the Hydra config tree (conf/ of the source tree, shipped inside the package)
 CONFIG_DIR = str(pathlib.Path(__file__).resolve().parent.parent / "conf")
 
@@ -43,16 +45,6 @@ JOB_START = _process_start()
 def job_elapsed() -> float:
     """Seconds since this process started."""
     return time.monotonic() - JOB_START
-
-
-class UsageError(ValueError):
-    """Bad input detected by gaugeflow: reported as one line, exit code 2."""
-
-
-def require(cond: bool, message: str) -> None:
-    """Raise :class:`UsageError` with ``message`` unless ``cond`` holds."""
-    if not cond:
-        raise UsageError(message)
 
 
 def fail(message: str, run_dir: str | None = None) -> None:

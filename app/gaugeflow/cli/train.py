@@ -28,6 +28,8 @@ from gaugeflow.cli.common import (
 )
 from gaugeflow.cli.build import model_from_config, parallel_from_config, resolve_model_config, theory_from_config
 from gaugeflow.cli.progress import progress_bar
+from gaugeflow.components import instantiate_node
+from gaugeflow.errors import Diverged
 from gaugeflow.cli.restore import restore_config, sha256_file, state_dict_mismatch
 from gaugeflow.exact import reference_values
 from gaugeflow.distributed.init import PeerFailure
@@ -51,27 +53,6 @@ def _eval_seed(seed: int) -> int:
     return (seed * 2654435761 + 97) % (2**63 - 1)
 
 
-def instantiate_node(node, key: str, **kwargs):
-    """Build the object a config group describes (``_target_`` + keys; null keys and ``name`` dropped).
-
-    Errors name the group key and keep only the underlying message.
-    """
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    spec = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if v is not None and k != "name"}
-    try:
-        return instantiate(spec, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        msg = str(cause).splitlines()[0] if cause is not None and str(cause) else str(err).splitlines()[0]
-        if isinstance(cause, ImportError):
-            msg = f"{key}._target_={spec.get('_target_')!r} cannot be imported"
-        elif isinstance(cause, TypeError):
-            msg = f"{key}={node.get('name', spec.get('_target_'))}: {msg}"
-        raise UsageError(msg) from None
-
-
 def _check(cfg: DictConfig) -> None:
     t = cfg.train
     require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
@@ -91,9 +72,6 @@ def _check(cfg: DictConfig) -> None:
     require(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be > 0, got {t.grad_clip}")
 
 
-class Diverged(RuntimeError):
-    """The run stopped mid-way (non-finite steps, or an error in a step): one line naming the step
-    and the last good checkpoint, which stays intact."""
 
 
 #: what ``resume=`` takes from the checkpoint's config (theory and lattice may not change;
