@@ -18,10 +18,11 @@ import pytest
 import torch
 import yaml
 
-from gaugeflow.flows.models import build_flow_model
+from gaugeflow.flows import models
+from helpers import theory_flow
 from gaugeflow.groups import get_group
 from gaugeflow.sampling.hmc import HMC
-from gaugeflow.theories import build_theory
+from gaugeflow.components import build_theory
 
 CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "theory").glob("*.yaml"))
@@ -110,7 +111,7 @@ def test_flow_model_sample_and_log_prob(name, meta_default):
     theory = build_theory(cfg, [4, 4])
     # the model is built before a job moves it to its device: build it on the CPU
     torch.set_default_device("cpu")
-    model = build_flow_model(theory, n_layers=2, hidden=[4], dtype=torch.float64)
+    model = theory_flow(theory, n_layers=2, hidden=[4], dtype=torch.float64)
     with torch.no_grad():
         for p in model.parameters():  # not the identity map: every layer does work
             p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(4)))
@@ -156,7 +157,7 @@ def test_hmc_job_under_meta_default(name, tmp_path, meta_default, capsys):
 def test_training_step_metrics_and_evaluation_on_the_generators_device(name, meta_default):
     # the train job's loop pieces: a step with gradient accumulation, its metrics row and the
     # end-of-run evaluation (the model is built on the CPU first, as a job builds it before .to(device))
-    from gaugeflow.cli.train import _accumulated_step, _evaluate, _metrics
+    from gaugeflow.train.trainer import accumulated_step, batch_metrics, evaluate
     from gaugeflow.distributed.init import DistContext
     from gaugeflow.distributed.parallel import Parallel
     from gaugeflow.train.losses import ReverseKL
@@ -164,14 +165,14 @@ def test_training_step_metrics_and_evaluation_on_the_generators_device(name, met
     cfg = preset(name)
     with torch.device("cpu"):
         theory = build_theory(cfg, tiny_shape(cfg))
-        model = build_flow_model(theory, n_layers=2, hidden=(4,), dtype=torch.float64)
+        model = theory_flow(theory, n_layers=2, hidden=(4,), dtype=torch.float64)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         ctx = DistContext(0, 1, 0, 1, torch.device("cpu"), None, "single", 60.0)
         par = Parallel(ctx, theory.lattice.shape, None, "none")
     gen = torch.Generator(device="cpu").manual_seed(1)
-    out, norm = _accumulated_step(model, opt, ReverseKL(), theory.action, 4, 2, gen, None, par)
+    out, norm = accumulated_step(model, opt, ReverseKL(), theory.action, 4, 2, gen, None, par)
     assert out.log_q.device.type == "cpu" and torch.isfinite(norm)
-    row = _metrics(1, out, ReverseKL(), model, theory, par, gen.device, 0, 4)
+    row = batch_metrics(1, out, ReverseKL(), model, theory, par, gen.device, 0, 4)
     assert np.isfinite(row["free_energy"]) and np.isfinite(row["ess"])
-    ev = _evaluate(model, theory, par, 8, 4, 0, torch.device("cpu"))
+    ev = evaluate(model, theory, par, 8, 4, 0, torch.device("cpu"))
     assert ev["eval_samples"] == 8 and np.isfinite(ev["log_z"])

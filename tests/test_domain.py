@@ -23,10 +23,11 @@ import torch.multiprocessing as mp
 from gaugeflow.distributed.domain import Decomposition, decomposed, grid_layout
 from gaugeflow.flows.conv import periodic_conv
 from gaugeflow.flows.masks import gauge_mask_schedule
-from gaugeflow.flows.models import build_flow_model
+from gaugeflow.flows import models
+from helpers import theory_flow
 from gaugeflow.lattice import Lattice, checkerboard, pad, shift
 from gaugeflow.observables.wilson import mean_plaquette, polyakov_loop, wilson_loop
-from gaugeflow.theories import build_theory
+from gaugeflow.components import build_theory
 from torch.distributed.elastic.utils.distributed import get_free_port
 
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -34,17 +35,17 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 # flow cases: (name, theory config, global shape, lattice grid, layers, hidden)
 FLOWS = {
     2: [
-        ("u1", dict(name="u1", kind="gauge", group="u1", beta=2.0, action="symanzik"), (8, 8), (2, 1), 4, (6,)),
-        ("su2", dict(name="su2", kind="gauge", group="su2", beta=2.0, action="iwasaki"), (8, 8), (1, 2), 3, (6,)),
-        ("phi4", dict(name="phi4", kind="phi4", m2=-4.0, lam=8.0), (8, 8), (2, 1), 4, (6,)),
+        ("u1", dict(name="u1", _target_="gaugeflow.theories.gauge_theory", group="u1", beta=2.0, action="symanzik"), (8, 8), (2, 1), 4, (6,)),
+        ("su2", dict(name="su2", _target_="gaugeflow.theories.gauge_theory", group="su2", beta=2.0, action="iwasaki"), (8, 8), (1, 2), 3, (6,)),
+        ("phi4", dict(name="phi4", _target_="gaugeflow.theories.phi4_theory", m2=-4.0, lam=8.0), (8, 8), (2, 1), 4, (6,)),
     ],
     4: [
-        ("u1", dict(name="u1", kind="gauge", group="u1", beta=2.0, action="symanzik"), (8, 8), (2, 2), 4, (6,)),
-        ("su3_4d", dict(name="su3", kind="gauge", group="su3", beta=5.0), (4, 4, 4, 4), (2, 2, 1, 1), 2, (4,)),
-        ("phi4_4d", dict(name="phi4", kind="phi4", form="hopping", kappa=0.1, lam_tilde=0.5), (4, 4, 4, 4),
+        ("u1", dict(name="u1", _target_="gaugeflow.theories.gauge_theory", group="u1", beta=2.0, action="symanzik"), (8, 8), (2, 2), 4, (6,)),
+        ("su3_4d", dict(name="su3", _target_="gaugeflow.theories.gauge_theory", group="su3", beta=5.0), (4, 4, 4, 4), (2, 2, 1, 1), 2, (4,)),
+        ("phi4_4d", dict(name="phi4", _target_="gaugeflow.theories.phi4_theory", form="hopping", kappa=0.1, lam_tilde=0.5), (4, 4, 4, 4),
          (2, 1, 2, 1), 2, (4,)),
         # 2 blocks per configuration x 2 data-parallel replicas, one half of the batch each
-        ("u1_dp", dict(name="u1", kind="gauge", group="u1", beta=2.0), (8, 8), (2, 1), 4, (6,)),
+        ("u1_dp", dict(name="u1", _target_="gaugeflow.theories.gauge_theory", group="u1", beta=2.0), (8, 8), (2, 1), 4, (6,)),
     ],
 }
 # halo cases: (global field shape, lattice grid); the field has a trailing internal axis
@@ -60,7 +61,7 @@ def _theory(cfg, shape):
 
 
 def _model(theory, n_layers, hidden, seed=None):
-    model = build_flow_model(theory, n_layers=n_layers, hidden=hidden, zero_init=True, dtype=torch.float64)
+    model = theory_flow(theory, n_layers=n_layers, hidden=hidden, zero_init=True, dtype=torch.float64)
     if seed is not None:
         # away from the zero-initialised identity, with spline parameters of O(1) whatever the
         # kernel volume 3^d (larger ones make the inverse ill-conditioned, asserted below)

@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from gaugeflow.flows.masks import gauge_mask, gauge_mask_schedule
-from gaugeflow.flows.models import build_flow_model
+from gaugeflow.flows import models
+from helpers import theory_flow
 from gaugeflow.groups import get_group
 from gaugeflow.lattice import shift
-from gaugeflow.theories import build_theory, gauge_transform
+from gaugeflow.components import build_theory
+from gaugeflow.theories import gauge_transform
 
-U1 = dict(name="u1_2d", kind="gauge", group="u1", dim=2, beta=2.0)
-PHI4 = dict(name="phi4", kind="phi4", m2=-4.0, lam=8.0)
+U1 = dict(name="u1_2d", _target_="gaugeflow.theories.gauge_theory", group="u1", dim=2, beta=2.0)
+PHI4 = dict(name="phi4", _target_="gaugeflow.theories.phi4_theory", m2=-4.0, lam=8.0)
 
 
 def randomize(model, seed=0):
@@ -63,7 +65,7 @@ def test_mask_rejects_odd_extents():
 @pytest.mark.parametrize("shape", [[4, 4], [2, 2, 2], [6]])
 def test_scalar_round_trip(kind, shape):
     theory = build_theory(PHI4, shape)
-    model = randomize(build_flow_model(theory, kind, n_layers=4, hidden=(8,), dtype=torch.float64))
+    model = randomize(getattr(models, kind)(theory, n_layers=4, hidden=(8,), dtype=torch.float64))
     x = torch.randn((3, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     y, ld = model.flow(x)
     x2, ld_inv = model.flow.inverse(y)
@@ -77,7 +79,7 @@ def test_scalar_round_trip(kind, shape):
 @pytest.mark.parametrize("shape", [[2, 2], [2, 2, 2]])
 def test_scalar_logdet_against_autograd(kind, shape):
     theory = build_theory(PHI4, shape)
-    model = randomize(build_flow_model(theory, kind, n_layers=3, hidden=(8,), dtype=torch.float64), seed=1)
+    model = randomize(getattr(models, kind)(theory, n_layers=3, hidden=(8,), dtype=torch.float64), seed=1)
     x = torch.randn((1, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     n = x.numel()
     jac = torch.autograd.functional.jacobian(lambda v: model.flow(v.view(1, *shape))[0].reshape(n), x.reshape(n))
@@ -87,14 +89,14 @@ def test_scalar_logdet_against_autograd(kind, shape):
 
 def test_scalar_model_density_consistency():
     theory = build_theory(PHI4, [4, 4])
-    model = randomize(build_flow_model(theory, "affine", n_layers=4, hidden=(8,), dtype=torch.float64))
+    model = randomize(models.affine(theory, n_layers=4, hidden=(8,), dtype=torch.float64))
     x, log_q = model.sample(5, torch.Generator().manual_seed(0))
     assert (model.log_prob(x) - log_q).abs().max() < 1e-10
 
 
 def test_scalar_translation_equivariance_by_mask_period():
     theory = build_theory(PHI4, [4, 6])
-    model = randomize(build_flow_model(theory, "spline", n_layers=2, hidden=(8,), dtype=torch.float64))
+    model = randomize(models.spline(theory, n_layers=2, hidden=(8,), dtype=torch.float64))
     x = torch.randn((2, 4, 6), dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     # the checkerboard has period 2: translating by two sites commutes with the flow
     y, ld = model.flow(x)
@@ -108,7 +110,7 @@ def test_scalar_translation_equivariance_by_mask_period():
 def test_zero_init_is_identity():
     for cfg, shape in [(PHI4, [4, 4]), (U1, [4, 4])]:
         theory = build_theory(cfg, shape)
-        model = build_flow_model(theory, n_layers=4, hidden=(8,), zero_init=True, dtype=torch.float64)
+        model = theory_flow(theory, n_layers=4, hidden=(8,), zero_init=True, dtype=torch.float64)
         x = theory.start(2, "hot", torch.Generator().manual_seed(0))
         y, ld = model.flow(x)
         assert (y - x).abs().max() < 1e-12 and ld.abs().max() < 1e-12
@@ -122,7 +124,7 @@ def u1_model(shape, n_layers=8, transform="spline", seed=0):
     # by the inverse slope, layer after layer)
     torch.manual_seed(seed)
     theory = build_theory(dict(U1, dim=len(shape)), shape)
-    model = build_flow_model(theory, "u1_equivariant", n_layers=n_layers, hidden=(8,), transform=transform,
+    model = models.u1_equivariant(theory, n_layers=n_layers, hidden=(8,), transform=transform,
                              dtype=torch.float64)
     return theory, model
 

@@ -45,7 +45,8 @@ from gaugeflow.distributed.fsdp import (
     shard_flow_model,
 )
 from gaugeflow.distributed.init import rank_seed
-from gaugeflow.flows.models import build_flow_model
+from gaugeflow.flows import models
+from helpers import theory_flow
 from gaugeflow.io.checkpoint import CheckpointError, load_checkpoint
 from gaugeflow.io.sharded import (
     export_consolidated,
@@ -56,7 +57,7 @@ from gaugeflow.io.sharded import (
     sharded_path,
 )
 from gaugeflow.sampling.weights import effective_sample_size
-from gaugeflow.theories import build_theory
+from gaugeflow.components import build_theory
 from gaugeflow.train.losses import path_gradient
 from torch.distributed.elastic.utils.distributed import get_free_port
 
@@ -72,13 +73,13 @@ CONFIG = "theory:\n  name: u1\n"
 
 
 def _theory():
-    return build_theory(dict(name="u1", kind="gauge", group="u1", beta=2.0, dim=len(SHAPE)), SHAPE)
+    return build_theory(dict(name="u1", _target_="gaugeflow.theories.gauge_theory", group="u1", beta=2.0, dim=len(SHAPE)), SHAPE)
 
 
 def _model(init_seed: int = 0, hidden=HIDDEN):
     # default (random) initialisation: every parameter has a non-zero gradient from step 1
     torch.manual_seed(init_seed)
-    return build_flow_model(_theory(), n_layers=N_LAYERS, hidden=hidden, dtype=torch.float64)
+    return theory_flow(_theory(), n_layers=N_LAYERS, hidden=hidden, dtype=torch.float64)
 
 
 def _generators(world):

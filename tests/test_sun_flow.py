@@ -383,13 +383,13 @@ def test_round_trip_on_degenerate_centre_and_identity_links(group, shape, scale)
 # ------------------------------------------------------------------------------ sampler vs inverse
 def small_model(theory_cfg, shape, n_layers, scale, seed=1, dtype=F64):
     """A spectral flow model with zero-initialised nets, then every weight perturbed (asserted)."""
-    from gaugeflow.flows.models import build_flow_model
-    from gaugeflow.theories.theory import build_theory
+    from helpers import theory_flow
+    from gaugeflow.components import build_theory
 
     theory = build_theory(theory_cfg, list(shape))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = build_flow_model(theory, n_layers=n_layers, hidden=(8,), zero_init=True, dtype=dtype)
+        model = theory_flow(theory, n_layers=n_layers, hidden=(8,), zero_init=True, dtype=dtype)
     zero = [p.abs().max().item() for p in model.parameters()]
     assert min(zero) == 0  # zero-initialised output layers: the model starts as the identity
     randomize(model, scale, seed)
@@ -397,8 +397,8 @@ def small_model(theory_cfg, shape, n_layers, scale, seed=1, dtype=F64):
     return theory, model
 
 
-SU3_2D = {"name": "su3_2d", "kind": "gauge", "group": "su3", "dim": 2, "beta": 4.0}
-SU3_4D = {"name": "su3_4d", "kind": "gauge", "group": "su3", "dim": 4, "beta": 2.0}
+SU3_2D = {"name": "su3_2d", "_target_": "gaugeflow.theories.gauge_theory", "group": "su3", "dim": 2, "beta": 4.0}
+SU3_4D = {"name": "su3_4d", "_target_": "gaugeflow.theories.gauge_theory", "group": "su3", "dim": 4, "beta": 2.0}
 OLD_AXIS = math.atan(0.6180339887498949)
 
 

@@ -4,7 +4,7 @@
 For each workload (4d SU(3) 8^4, 2d U(1) 32^2 by default) this measures, in one process:
 
 * the gauge action ``S(U)`` (Wilson), the analytic force and one HMC trajectory, through the
-  public API (``build_theory``, ``Theory.action``, ``Theory.force``, ``HMC.trajectory``);
+  public API (``gauge_theory``, ``Theory.action``, ``Theory.force``, ``HMC.trajectory``);
 * the *floor*: the bare arithmetic the Wilson action cannot avoid, timed with the fastest
   plain-torch expression found in this run (see ``docs/benchmarks.md``). Per site and plane
   ``mu < nu`` the action needs two full N x N complex products
@@ -179,14 +179,14 @@ def colour_major(x: torch.Tensor) -> torch.Tensor:
 def bench_workload(name: str, dtype: torch.dtype, args, device: torch.device) -> dict:
     from gaugeflow.lattice import shift
     from gaugeflow.sampling.hmc import HMC
-    from gaugeflow.theories import build_theory
+    from gaugeflow.theories import gauge_theory
 
     group, shape, default_batch = WORKLOADS[name]
     batch = args.batch if args.batch is not None else default_batch
     d = len(shape)
     volume = math.prod(shape)
     n_planes = d * (d - 1) // 2
-    theory = build_theory(dict(name=name, kind="gauge", group=group, dim=d, beta=args.beta), list(shape))
+    theory = gauge_theory(list(shape), group, args.beta)
     n = theory.group.N
     gen = torch.Generator().manual_seed(args.seed)
     links = theory.start(batch, "hot", gen, REAL[dtype]).to(device)

@@ -92,8 +92,8 @@ def worker(args) -> dict:
     torch.set_num_threads(1)
     from gaugeflow.distributed.init import init_distributed, rank_seed
     from gaugeflow.distributed.parallel import Parallel
-    from gaugeflow.flows.models import build_flow_model
-    from gaugeflow.theories import build_theory
+    from gaugeflow.flows.models import sun_spectral
+    from gaugeflow.theories import gauge_theory
     from gaugeflow.train.losses import reverse_kl
 
     ctx = init_distributed("cpu", None, 300)
@@ -110,11 +110,10 @@ def worker(args) -> dict:
         batch = args.batch // ranks
     par = Parallel(ctx, shape, grid, "fsdp" if args.strategy == "fsdp" else "ddp")
     counter = ByteCounter() if ctx.is_distributed else None
-    theory_cfg = dict(name="su3_4d", kind="gauge", group="su3", dim=d, beta=args.beta)
     with par.physics():
         torch.manual_seed(0)
-        theory = build_theory(theory_cfg, par.local_shape)
-        model = build_flow_model(theory, n_layers=args.layers, hidden=tuple(args.hidden), kernel_size=args.kernel)
+        theory = gauge_theory(par.local_shape, "su3", args.beta)
+        model = sun_spectral(theory, n_layers=args.layers, hidden=tuple(args.hidden), kernel_size=args.kernel)
         model = par.prepare(model)  # broadcast; FSDP2 sharding for fsdp
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(rank_seed(0, ctx.rank))

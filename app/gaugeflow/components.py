@@ -102,3 +102,131 @@ def instantiate_node(node, key: str, **kwargs):
         return fn(**kwargs, **keys)
     except (ValueError, TypeError) as err:
         raise UsageError(f"{key}={name or target}: {str(err).splitlines()[0]}") from None
+
+
+# -- theories ---------------------------------------------------------------------------------
+
+#: keys of a theory preset the jobs read themselves (not passed to the builder)
+#: (``defaults`` too: a preset file read as plain YAML carries its defaults list)
+PRESET_KEYS = ("name", "dim", "default_shape", "default_batch_size", "default_flow_time", "hmc", "defaults")
+
+
+def _plain(node) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
+def upgrade_theory(spec: dict) -> dict:
+    """A theory node written before builders were named by ``_target_`` (``kind: gauge|phi4`` and
+    every key of every theory, unused ones null), as today's preset; others unchanged."""
+    from gaugeflow.theories.builders import LEGACY_KINDS
+
+    if "_target_" in spec or "kind" not in spec:
+        return spec
+    kind = spec["kind"]
+    if kind not in LEGACY_KINDS:
+        raise UsageError(f"theory.kind={kind!r} is not a theory (a checkpoint of an unknown gaugeflow?)")
+    fn = locate(LEGACY_KINDS[kind], "theory")
+    own = set(_parameters(fn)[0]) - {"shape"}
+    out = {"_target_": LEGACY_KINDS[kind]}
+    for k, v in spec.items():
+        if k in PRESET_KEYS or (k in own and v is not None):
+            out[k] = v
+    return out
+
+
+def build_theory(node, shape):
+    """The :class:`~gaugeflow.theories.Theory` of a theory preset node on ``shape``.
+
+    ``_target_`` names a builder ``(shape, **keys) -> Theory``; the preset's own keys
+    (:data:`PRESET_KEYS`) are not passed; ``name`` becomes ``Theory.name``. A node of an older
+    checkpoint (``kind:``) is upgraded first. Raises :class:`UsageError` naming the key.
+    """
+    from gaugeflow.lattice import validate_shape
+
+    spec = upgrade_theory(_plain(node))
+    try:
+        shape = validate_shape(shape)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    dim = spec.get("dim")
+    if dim is not None and len(shape) != int(dim):
+        raise UsageError(f"lattice.shape={list(shape)} has {len(shape)} extents but theory {spec.get('name')!r} is "
+                         f"{dim}-dimensional")
+    name = spec.get("name")
+    target, keys = spec_of({k: v for k, v in spec.items() if k not in PRESET_KEYS}, "theory")
+    fn = locate(target, "theory")
+    check_keys(fn, keys, "theory", given=("shape",), what=f"theory={name} ({target})" if name else target)
+    try:
+        theory = fn(list(shape), **keys)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UsageError(str(err).splitlines()[0].strip("'\"")) from None
+    if name:
+        theory.name = str(name)
+    return theory
+
+
+# -- flow models ------------------------------------------------------------------------------
+
+MODEL_GIVEN = ("theory", "dtype")
+
+
+def legacy_kind(group: str | None) -> str:
+    """The flow older gaugeflow built for ``model.kind: null``: by the theory's group."""
+    from gaugeflow.groups import get_group
+
+    if not group or str(group) == "none":
+        return "affine"
+    return "u1_equivariant" if get_group(group).N == 1 else "sun_spectral"
+
+
+def upgrade_model(spec: dict, theory=None) -> dict:
+    """A model node written before architectures were named by ``_target_`` (``kind:`` and one flat
+    key set shared by every architecture) as today's architecture node; others unchanged.
+    ``kind: null`` (the theory's flow) needs ``theory``: a Theory or its group's name."""
+    from gaugeflow.flows.models import LEGACY_KINDS
+
+    if "_target_" in spec or "kind" not in spec:
+        return spec
+    kind = spec["kind"]
+    if kind is None and theory is not None:
+        group = theory if isinstance(theory, str) else (theory.group.name if theory.group is not None else None)
+        kind = legacy_kind(group)
+    if kind not in LEGACY_KINDS:
+        raise UsageError(f"model.kind={kind!r} is not an architecture: choose one with model=<name>")
+    fn = locate(LEGACY_KINDS[kind], "model")
+    own = set(_parameters(fn)[0]) - set(MODEL_GIVEN)
+    return {"_target_": LEGACY_KINDS[kind], **{k: v for k, v in spec.items() if k in own}}
+
+
+def _listify(v):
+    return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def resolved_model_spec(node, theory) -> dict:
+    """The model node in full: ``_target_`` and every key of its builder (given, else the
+    builder's default, with ``resolve_keys`` filling what depends on the theory), as checkpoints
+    record it. Unknown keys are a :class:`UsageError` naming them."""
+    spec = upgrade_model(_plain(node), theory)
+    target, keys = spec_of(spec, "model")
+    fn = locate(target, "model")
+    check_keys(fn, keys, "model", given=MODEL_GIVEN, what=f"model ({target})")
+    full = {**defaults_of(fn, given=MODEL_GIVEN), **keys}
+    hook = getattr(fn, "resolve_keys", None)
+    if hook is not None:
+        full = hook(theory, full)
+    return {"_target_": target, **{k: _listify(v) for k, v in full.items()}}
+
+
+def build_model(node, theory, dtype):
+    """The flow a model node describes for ``theory``, in ``dtype`` (a builder ``(theory, dtype,
+    **keys) -> nn.Module``; docs/extending.md). Raises :class:`UsageError` naming the key."""
+    spec = upgrade_model(_plain(node), theory)
+    target, keys = spec_of(spec, "model")
+    fn = locate(target, "model")
+    check_keys(fn, keys, "model", given=MODEL_GIVEN, what=f"model ({target})")
+    try:
+        return fn(theory, dtype, **keys)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None

@@ -1,47 +1,42 @@
-"""Theory and flow model from a composed job config (shared by train, sample, score)."""
+"""Theory and flow model from a composed job config (shared by train, sample, score, hmc).
+
+Both are components (:mod:`gaugeflow.components`): ``cfg.theory._target_`` names a builder
+``(shape, **keys) -> Theory``, ``cfg.model._target_`` a builder ``(theory, dtype, **keys) ->
+nn.Module``; docs/extending.md.
+"""
 
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gaugeflow.cli.common import UsageError
-from gaugeflow.flows.models import build_flow_model, resolve_architecture
-from gaugeflow.theories import build_theory
+from gaugeflow.components import build_model, build_theory, resolved_model_spec, upgrade_theory
+from gaugeflow.errors import UsageError
 
 
 def theory_from_config(cfg: DictConfig, shape=None):
     """The theory of ``cfg.theory`` on ``cfg.lattice.shape`` (or on ``shape``, a decomposed run's
     local block); bad values are a :class:`UsageError`."""
-    try:
-        return build_theory(OmegaConf.to_container(cfg.theory, resolve=True),
-                            cfg.lattice.shape if shape is None else list(shape))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    return build_theory(cfg.theory, cfg.lattice.shape if shape is None else list(shape))
 
 
 def model_from_config(cfg: DictConfig, theory, dtype: torch.dtype, device: torch.device):
     """The flow of ``cfg.model`` for ``theory``; initial weights come from torch's global generator."""
-    m = cfg.model
-    try:
-        model = build_flow_model(theory, m.kind, m.n_layers, None if m.hidden is None else tuple(m.hidden), m.kernel_size, m.activation,
-                                 m.transform, m.n_bins, m.n_mix, m.bound, m.zero_init, dtype,
-                                 m.rectangles)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    return model.to(device)
+    if cfg.get("model") is None:
+        raise UsageError(f"theory={theory.name} names no flow architecture: choose one with model=<name>")
+    return build_model(cfg.model, theory, dtype).to(device)
 
 
 def resolve_model_config(cfg: DictConfig, theory) -> None:
-    """Fill the model keys left null (the flow's defaults for ``theory``) in ``cfg.model``, so the
-    config a checkpoint records names the architecture in full."""
-    m = cfg.model
-    try:
-        kind, n_layers, hidden = resolve_architecture(theory, m.kind, m.n_layers,
-                                                      None if m.hidden is None else tuple(m.hidden))
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    m.kind, m.n_layers, m.hidden = kind, n_layers, list(hidden)
+    """Write the component nodes in full into ``cfg``: the model's ``_target_`` and every key of
+    its builder (defaults and theory-dependent values filled in), and an older checkpoint's
+    theory node as today's preset, so the config a checkpoint records rebuilds the run alone."""
+    if cfg.get("model") is None:
+        raise UsageError(f"theory={theory.name} names no flow architecture: choose one with model=<name>")
+    spec = resolved_model_spec(cfg.model, theory)
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create(spec)
+        cfg.theory = OmegaConf.create(upgrade_theory(OmegaConf.to_container(cfg.theory, resolve=True)))
 
 
 def parallel_from_config(cfg: DictConfig):

@@ -18,6 +18,26 @@ USAGE = "usage: gaugeflow <job> [key=value ...] [group=option ...] [--help]\n\nj
 ) + "\n\n`gaugeflow <job> --help` lists the job's config groups and keys; `--cfg job` prints the composed config."
 
 
+#: ``model=<size>`` words kept from before architectures became the model group's options
+MODEL_SIZES = ("default", "small")
+
+
+def model_aliases(args: list[str]) -> list[str]:
+    """``model=small`` and ``model=default`` (sizes of the theory's architecture) as the
+    ``model_size`` group's choices; the retired ``model.kind=<x>`` is a ``ValueError`` naming
+    ``model=<x>``. Everything else passes unchanged."""
+    out = []
+    for a in args:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+~") == "model.kind":
+            raise ValueError(f"{a} is now the group choice model={value or '<name>'} (conf/model/: "
+                             "affine, spline, u1_equivariant, u1_spline, u1_ncp, sun_spectral or yours)")
+        if eq and key == "model" and value in MODEL_SIZES:
+            a = f"model_size={value}"
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     # first of all: an older torch (an HPC module's, say) ends here with one line, before Hydra,
     # the launch detection or any job imports what that torch lacks
@@ -39,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     if job not in JOBS:
         print(f"gaugeflow: unknown job {job!r}; choose one of {', '.join(JOBS)}", file=sys.stderr)
         sys.exit(2)
+    try:
+        args = model_aliases(argv[1:])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     # ranks other than 0 of a multi-process launch stay out of the run directory
     from gaugeflow.distributed.env import LaunchError, detect_launch, main_only_hydra_overrides
 
@@ -48,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
     # Hydra parses sys.argv itself; it names the job after argv[0]
-    sys.argv = [f"gaugeflow-{job}", *argv[1:], *main_only_hydra_overrides(rank)]
+    sys.argv = [f"gaugeflow-{job}", *args, *main_only_hydra_overrides(rank)]
     importlib.import_module(JOBS[job][0]).main()
 
 

@@ -35,7 +35,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from gaugeflow.cli.common import UsageError
+from gaugeflow.errors import UsageError
 from gaugeflow.io.checkpoint import SECTIONS, Checkpoint, CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def restore_config(cfg: DictConfig, spec, key: str = "checkpoint", *, sections: 
         ck = load_any_checkpoint(spec, key, sections=load)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-    saved = saved_config(ck, where)
+    saved = upgrade_saved(saved_config(ck, where), where)
     parsed = _parse(_command_line() if overrides is None else list(overrides))
     groups = _group_names(cfg, sections)
     trained = ck.theory or str(OmegaConf.select(saved, "theory.name", default=""))
@@ -72,6 +72,9 @@ def restore_config(cfg: DictConfig, spec, key: str = "checkpoint", *, sections: 
     for sec in sections:
         choice = next((o for o in parsed if o.key_or_group == sec and not o.is_delete() and o.package is None),
                       None) if sec in groups else None
+        if sec == "model" and choice is None:
+            # model=small / model=default (model_size=...): the composed architecture, not the checkpoint's
+            choice = next((o for o in parsed if o.key_or_group == "model_size" and not o.is_delete()), None)
         if choice is not None and not (sec == "theory" and str(choice.value()) == trained):
             # an explicit group choice: Hydra already composed it with its dotted overrides
             if sec == "theory":
@@ -153,7 +156,7 @@ def _check_theory_choice(chosen: DictConfig, saved: DictConfig, trained: str, mo
     name = OmegaConf.select(chosen, "name", default=None)
     if mode == "resume":
         raise UsageError(f"{where}: checkpoint of theory {trained!r}, not {name!r}")
-    for k in ("kind", "group", "dim"):
+    for k in ("_target_", "group", "dim"):
         a, b = OmegaConf.select(chosen, k, default=None), OmegaConf.select(saved, f"theory.{k}", default=None)
         if a != b:
             raise UsageError(f"{where}: theory={name} is not on the field space the flow was trained for "
@@ -167,7 +170,7 @@ _NOT_PHYSICS = ("default_shape", "default_batch_size", "hmc", "default_flow_time
 def target_changes(cfg: DictConfig, ck: Checkpoint) -> dict[str, tuple]:
     """What the job's target differs in from the theory and lattice the flow was trained at:
     ``{key: (trained, target)}`` for the theory name, every coupling and the lattice shape."""
-    saved = saved_config(ck)
+    saved = upgrade_saved(saved_config(ck))
     out = {}
     mine = OmegaConf.to_container(cfg.theory, resolve=True)
     theirs = OmegaConf.to_container(saved.theory, resolve=True) if "theory" in saved else {}
@@ -201,6 +204,23 @@ def load_any_checkpoint(spec, key: str = "checkpoint", sections: Sequence[str] =
         raise CheckpointError(f"{key}={path}: unreadable {MANIFEST} ({_first_line(err)})") from None
     attrs = {"step": step, "theory": str(manifest.get("theory", "")), "config": str(manifest.get("config", ""))}
     return Checkpoint(path, step, attrs, model={})
+
+
+def upgrade_saved(saved: DictConfig, where: str = "checkpoint") -> DictConfig:
+    """A checkpoint's config with theory and model nodes of an older gaugeflow (``kind:`` keys)
+    rewritten as today's ``_target_`` nodes (:mod:`gaugeflow.components`)."""
+    from gaugeflow.components import upgrade_model, upgrade_theory
+
+    try:
+        if isinstance(saved.get("theory"), DictConfig):
+            theory = upgrade_theory(OmegaConf.to_container(saved.theory, resolve=True))
+            saved.theory = OmegaConf.create(theory)
+        if isinstance(saved.get("model"), DictConfig):
+            group = OmegaConf.select(saved, "theory.group", default=None)
+            saved.model = OmegaConf.create(upgrade_model(OmegaConf.to_container(saved.model, resolve=True), group))
+    except UsageError as err:
+        raise UsageError(f"{where}: {err}") from None
+    return saved
 
 
 def saved_config(ck: Checkpoint, where: str = "checkpoint") -> DictConfig:

@@ -38,7 +38,7 @@ Usage (every rank of the world; see docs/domain_decomposition.md)::
     d = Decomposition((16, 16, 16, 16), lattice_grid=(2, 2, 1, 1))
     local = build_theory(cfg.theory, d.local_shape)
     with decomposed(d):
-        model = build_flow_model(local)        # masks of the local block, global parities
+        model = sun_spectral(local)             # masks of the local block, global parities
         d.broadcast_parameters(model)         # one initialisation for all ranks
         x, log_q = model.sample(batch, gen)   # gen seeded per rank: blocks are independent
         loss = (log_q + local.action(x)).mean()
@@ -355,7 +355,7 @@ def decomposed(decomp: Decomposition) -> Iterator[Decomposition]:
     """Run the physics on ``decomp``'s local block: shifts, halos, site sums, coordinates and
     volumes of :mod:`gaugeflow.lattice` become those of the whole lattice.
 
-    Build models inside it, for the local block (``build_flow_model(theory_for(local_shape))``):
+    Build models inside it, for the local block (``build_model(cfg.model, theory_for(local_shape), dtype)``):
     masks are built once from coordinates, which must be the global ones.
     """
     with geometry.use_shift(decomp.shift, decomp.pad), geometry.use_domain(_DomainHooks(decomp)):

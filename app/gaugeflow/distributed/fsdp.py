@@ -29,7 +29,7 @@ Works on CPU with gloo (FSDP2 accepts a CPU device mesh; FSDP1 does not and is n
 with nccl and XPU with xccl. Build the optimizer *after* sharding: it must hold the sharded
 ``DTensor`` parameters. Usage::
 
-    model = build_flow_model(theory, ...)            # identical initialisation on every rank
+    model = u1_equivariant(theory, ...)              # identical initialisation on every rank
     model = shard_flow_model(model, activation_checkpointing=True)
     opt = torch.optim.Adam(model.parameters(), lr)    # per-shard optimizer state
     x, log_q = model.sample(local_batch, gen)         # gen seeded per rank

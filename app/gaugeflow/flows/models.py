@@ -1,8 +1,14 @@
-"""Assemble a flow model (prior + coupling layers) for a theory.
+"""Flow architectures: one builder per architecture, ``(theory, dtype, **keys) -> FlowModel``.
 
-Defaults follow the published architectures: checkerboard affine couplings for phi^4
-(Albergo et al. 1904.12072), circular-spline plaquette couplings for U(1) (Kanwar et al.
-2003.06413) and spectral plaquette couplings for SU(N) (Boyda et al. 2008.05456).
+Each builder is named by the ``_target_`` of its ``conf/model/<name>.yaml`` and takes that
+file's keys; its keyword defaults are the architecture's defaults. The published
+architectures: checkerboard affine couplings for phi^4 (Albergo et al. 1904.12072),
+circular-spline or NCP plaquette couplings for U(1) (Kanwar et al. 2003.06413) and spectral
+plaquette couplings for SU(N) (Boyda et al. 2008.05456). docs/extending.md states the contract
+a user's builder meets.
+
+A builder may carry ``resolve_keys(theory, keys) -> keys``: the values its null keys take for
+``theory``, so that a checkpoint records the architecture in full.
 """
 
 from __future__ import annotations
@@ -17,98 +23,110 @@ from gaugeflow.flows.masks import gauge_mask_schedule
 from gaugeflow.flows.priors import GaussianPrior, HaarPrior
 from gaugeflow.flows.scalar import AffineCoupling, SplineCoupling
 from gaugeflow.flows.u1 import CircleTransform, U1PlaquetteCoupling
-from gaugeflow.theories.theory import Theory
-
-KINDS = ("affine", "spline", "u1_equivariant", "sun_spectral")
 
 
-def default_kind(theory: Theory) -> str:
-    if not theory.is_gauge:
-        return "affine"
-    return "u1_equivariant" if theory.group.N == 1 else "sun_spectral"
-
-
-def resolve_architecture(theory: Theory, kind: str | None = None, n_layers: int | None = None,
-                         hidden: Sequence[int] | None = None) -> tuple[str, int, tuple[int, ...]]:
-    """The ``(kind, n_layers, hidden)`` that :func:`build_flow_model` builds for these keys (null
-    keys take the defaults for ``theory``). Checkpoints record them resolved, so a run reloads
-    with the architecture it trained whatever later defaults become."""
-    kind = kind or default_kind(theory)
-    if kind not in KINDS:
-        raise ValueError(f"model.kind must be one of {list(KINDS)}, got {kind!r}")
+def gauge_layers(theory, n_layers: int | None) -> int:
+    """``n_layers`` of a gauge flow; ``None``: 16 in 2d (two passes over the eight 2d masks), one
+    pass over the mask schedule (8 d layers, every link updated) in d > 2."""
     if n_layers is None:
         d = theory.lattice.ndim
-        n_layers = 16 if (not theory.is_gauge or d == 2) else 8 * d
-    if n_layers < 1:
+        return 16 if d == 2 else 8 * d
+    return int(n_layers)
+
+
+def _check_layers(n_layers: int) -> int:
+    if int(n_layers) < 1:
         raise ValueError(f"model.n_layers must be >= 1, got {n_layers}")
-    if hidden is None:
-        hidden = (8, 8) if kind == "u1_equivariant" else (32, 32)
-    return kind, int(n_layers), tuple(int(h) for h in hidden)
+    return int(n_layers)
 
 
-def build_flow_model(
-    theory: Theory,
-    kind: str | None = None,
-    n_layers: int | None = None,
-    hidden: Sequence[int] | None = None,
-    kernel_size: int = 3,
-    activation: str = "leaky_relu",
-    transform: str = "spline",
-    n_bins: int = 8,
-    n_mix: int = 6,
-    bound: float = 4.0,
-    zero_init: bool = False,
-    dtype: torch.dtype = torch.float32,
-    rectangles: bool = True,
-) -> FlowModel:
-    """A :class:`FlowModel` for ``theory``; ``zero_init=True`` starts exactly at the identity map.
-
-    ``n_layers=None`` picks 16 for scalar and 2d gauge theories (two passes over the eight 2d
-    gauge masks) and one pass over the mask schedule (8 d layers) for gauge theories in d > 2,
-    so that every link is updated. ``hidden=None`` picks the context-net widths: [8, 8] for the
-    U(1) couplings (Kanwar et al. 2003.06413; wider nets train no better per second on a CPU,
-    docs/flows.md), [32, 32] otherwise.
-    """
-    kind, n_layers, hidden = resolve_architecture(theory, kind, n_layers, hidden)
-    shape = theory.lattice.shape
-    d = theory.lattice.ndim
+def _nets(theory, hidden, kernel_size, activation, zero_init):
+    hidden = tuple(int(h) for h in hidden)
 
     def net(c_in: int, c_out: int) -> ConvNet:
-        return ConvNet(c_in, c_out, hidden, kernel_size, d, activation=activation, zero_init=zero_init)
+        return ConvNet(c_in, c_out, hidden, kernel_size, theory.lattice.ndim, activation=activation,
+                       zero_init=zero_init)
 
-    if kind in ("affine", "spline"):
-        if theory.is_gauge:
-            raise ValueError(f"model.kind={kind} is for scalar theories; {theory.name} is a gauge theory")
-        layers = []
-        for i in range(n_layers):
-            if kind == "affine":
-                layers.append(AffineCoupling(shape, i % 2, net(1, 2)))
-            else:
-                layers.append(SplineCoupling(shape, i % 2, net(1, SplineCoupling.n_params(n_bins)), n_bins, bound))
-        model = FlowModel(GaussianPrior(shape, dtype=dtype), Flow(layers))
-        return model.to(dtype)
+    return net
 
-    if not theory.is_gauge:
-        raise ValueError(f"model.kind={kind} is for gauge theories; {theory.name} is a scalar theory")
-    cdtype = torch.complex64 if dtype == torch.float32 else torch.complex128
-    schedule = gauge_mask_schedule(shape)
-    if kind == "u1_equivariant":
-        if theory.group.N != 1:
-            raise ValueError(f"model.kind=u1_equivariant needs a U(1) theory, got {theory.group}")
-        ct = CircleTransform(transform, n_bins, n_mix)
-        layers = [
-            U1PlaquetteCoupling(schedule[i % len(schedule)], net(U1PlaquetteCoupling.n_context(d, rectangles),
-                                                                 ct.n_params), ct, rectangles)
-            for i in range(n_layers)
-        ]
-    else:
-        from gaugeflow.flows.sun import SUNPlaquetteCoupling
 
-        if theory.group.N < 2:
-            raise ValueError(f"model.kind=sun_spectral needs an SU(N) theory, got {theory.group}")
-        layers = [
-            SUNPlaquetteCoupling.build(schedule[i % len(schedule)], theory.group, net, n_bins=n_bins)
-            for i in range(n_layers)
-        ]
-    model = FlowModel(HaarPrior(theory.group, shape, dtype=cdtype), Flow(layers))
-    return model.to(dtype)
+def _scalar_only(theory, name: str) -> None:
+    if theory.is_gauge:
+        raise ValueError(f"model={name} is for scalar theories; {theory.name} is a gauge theory")
+
+
+def _complex(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex64 if dtype == torch.float32 else torch.complex128
+
+
+def affine(theory, dtype: torch.dtype = torch.float32, *, n_layers: int = 16, hidden: Sequence[int] = (32, 32),
+           kernel_size: int = 3, activation: str = "leaky_relu", zero_init: bool = False) -> FlowModel:
+    """Checkerboard affine couplings on a Gaussian prior (Albergo, Kanwar & Shanahan 1904.12072)."""
+    _scalar_only(theory, "affine")
+    net = _nets(theory, hidden, kernel_size, activation, zero_init)
+    shape = theory.lattice.shape
+    layers = [AffineCoupling(shape, i % 2, net(1, 2)) for i in range(_check_layers(n_layers))]
+    return FlowModel(GaussianPrior(shape, dtype=dtype), Flow(layers)).to(dtype)
+
+
+def spline(theory, dtype: torch.dtype = torch.float32, *, n_layers: int = 16, hidden: Sequence[int] = (32, 32),
+           kernel_size: int = 3, activation: str = "leaky_relu", zero_init: bool = False, n_bins: int = 8,
+           bound: float = 4.0) -> FlowModel:
+    """Checkerboard rational-quadratic spline couplings (Durkan et al. 1906.04032) on a Gaussian prior."""
+    _scalar_only(theory, "spline")
+    net = _nets(theory, hidden, kernel_size, activation, zero_init)
+    shape = theory.lattice.shape
+    layers = [SplineCoupling(shape, i % 2, net(1, SplineCoupling.n_params(n_bins)), n_bins, bound)
+              for i in range(_check_layers(n_layers))]
+    return FlowModel(GaussianPrior(shape, dtype=dtype), Flow(layers)).to(dtype)
+
+
+def u1_equivariant(theory, dtype: torch.dtype = torch.float32, *, n_layers: int | None = None,
+                   hidden: Sequence[int] = (8, 8), kernel_size: int = 3, activation: str = "leaky_relu",
+                   zero_init: bool = False, transform: str = "spline", n_bins: int = 8, n_mix: int = 6,
+                   rectangles: bool = True) -> FlowModel:
+    """Gauge-equivariant U(1) plaquette couplings (Kanwar et al. 2003.06413): the active
+    plaquettes' phases move by a circular spline (``transform=spline``) or a mixture of
+    non-compact projections (``ncp``), conditioned on frozen plaquettes (and, with
+    ``rectangles``, frozen 2x1 loops). ``hidden=[8, 8]``: wider nets train no better per second
+    on a CPU (docs/flows.md)."""
+    if not theory.is_gauge or theory.group.N != 1:
+        raise ValueError(f"model=u1_equivariant needs a U(1) gauge theory, got {theory.name}")
+    net = _nets(theory, hidden, kernel_size, activation, zero_init)
+    schedule = gauge_mask_schedule(theory.lattice.shape)
+    d = theory.lattice.ndim
+    ct = CircleTransform(transform, n_bins, n_mix)
+    layers = [U1PlaquetteCoupling(schedule[i % len(schedule)], net(U1PlaquetteCoupling.n_context(d, rectangles),
+                                                                   ct.n_params), ct, rectangles)
+              for i in range(_check_layers(gauge_layers(theory, n_layers)))]
+    prior = HaarPrior(theory.group, theory.lattice.shape, dtype=_complex(dtype))
+    return FlowModel(prior, Flow(layers)).to(dtype)
+
+
+def sun_spectral(theory, dtype: torch.dtype = torch.float32, *, n_layers: int | None = None,
+                 hidden: Sequence[int] = (32, 32), kernel_size: int = 3, activation: str = "leaky_relu",
+                 zero_init: bool = False, n_bins: int = 8) -> FlowModel:
+    """Spectral (conjugation-equivariant) SU(N) plaquette couplings (Boyda et al. 2008.05456):
+    splines move the eigenphases of active plaquettes, eigenvectors fixed."""
+    from gaugeflow.flows.sun import SUNPlaquetteCoupling
+
+    if not theory.is_gauge or theory.group.N < 2:
+        raise ValueError(f"model=sun_spectral needs an SU(N) gauge theory, got {theory.name}")
+    net = _nets(theory, hidden, kernel_size, activation, zero_init)
+    schedule = gauge_mask_schedule(theory.lattice.shape)
+    layers = [SUNPlaquetteCoupling.build(schedule[i % len(schedule)], theory.group, net, n_bins=n_bins)
+              for i in range(_check_layers(gauge_layers(theory, n_layers)))]
+    prior = HaarPrior(theory.group, theory.lattice.shape, dtype=_complex(dtype))
+    return FlowModel(prior, Flow(layers)).to(dtype)
+
+
+def _resolve_gauge(theory, keys: dict) -> dict:
+    return {**keys, "n_layers": gauge_layers(theory, keys.get("n_layers"))}
+
+
+u1_equivariant.resolve_keys = _resolve_gauge
+sun_spectral.resolve_keys = _resolve_gauge
+
+#: the architectures a checkpoint written before ``_target_`` names by ``model.kind``
+LEGACY_KINDS = {name: f"gaugeflow.flows.models.{name}" for name in ("affine", "spline", "u1_equivariant",
+                                                                    "sun_spectral")}

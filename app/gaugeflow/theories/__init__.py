@@ -1,8 +1,9 @@
 """Lattice theories: an action, the field space it lives on, and its standard measurements."""
 
+from gaugeflow.theories.builders import gauge_theory, phi4_theory
 from gaugeflow.theories.gauge import GaugeAction, autograd_force, gauge_transform
 from gaugeflow.theories.phi4 import Phi4Action, Phi4HoppingAction
-from gaugeflow.theories.theory import Theory, build_theory
+from gaugeflow.theories.theory import Theory
 
 __all__ = [
     "GaugeAction",
@@ -10,6 +11,7 @@ __all__ = [
     "Phi4HoppingAction",
     "Theory",
     "autograd_force",
-    "build_theory",
+    "gauge_theory",
     "gauge_transform",
+    "phi4_theory",
 ]

@@ -1,18 +1,16 @@
-"""A theory = action + lattice + field space; built from the ``theory`` config group."""
+"""A theory = action + lattice + field space; the builders of the presets are in :mod:`gaugeflow.theories.builders`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from gaugeflow.groups import Group, get_group
-from gaugeflow.lattice import Lattice, validate_shape
-from gaugeflow.theories.gauge import GaugeAction, autograd_force
-from gaugeflow.theories.phi4 import Phi4Action, Phi4HoppingAction
+from gaugeflow.groups import Group
+from gaugeflow.lattice import Lattice
+from gaugeflow.theories.gauge import autograd_force
 
 
 @dataclass
@@ -146,46 +144,3 @@ def _same_value(a: Any, b: Any) -> bool:
         return float(a) == float(b)
     except (TypeError, ValueError):
         return a == b
-
-
-def build_theory(cfg: Mapping[str, Any], shape) -> Theory:
-    """Theory from a ``theory`` config node and a lattice shape.
-
-    Raises ``ValueError`` naming the key for inconsistent input (e.g. a shape whose
-    length does not match ``theory.dim``).
-    """
-    shape = validate_shape(shape)
-    dim = cfg.get("dim")
-    if dim is not None and len(shape) != int(dim):
-        raise ValueError(
-            f"lattice.shape={list(shape)} has {len(shape)} extents but theory {cfg.get('name')!r} is "
-            f"{dim}-dimensional"
-        )
-    lattice = Lattice(shape)
-    kind = cfg.get("kind")
-    name = str(cfg.get("name", kind))
-    if kind == "gauge":
-        if lattice.ndim < 2:
-            raise ValueError(f"lattice.shape={list(shape)}: a gauge theory needs d >= 2")
-        group = get_group(cfg["group"])
-        beta = float(cfg["beta"])
-        if not math.isfinite(beta):
-            raise ValueError(f"theory.beta must be finite, got {beta}")
-        action = GaugeAction.named(group, beta, cfg.get("action", "wilson"), cfg.get("c1"))
-        params = {"beta": beta, "action": str(cfg.get("action", "wilson")), "c0": action.c0, "c1": action.c1}
-        return Theory(name, "gauge", lattice, action, group, params)
-    if kind == "phi4":
-        form = cfg.get("form", "standard")
-        if form == "standard":
-            action = Phi4Action(cfg["m2"], cfg["lam"])
-            params = {"form": form, "m2": action.m2, "lam": action.lam}
-        elif form == "hopping":
-            action = Phi4HoppingAction(cfg["kappa"], cfg["lam_tilde"])
-            params = {"form": form, "kappa": action.kappa, "lam_tilde": action.lam_tilde}
-        else:
-            raise ValueError(f"theory.form must be 'standard' or 'hopping', got {form!r}")
-        for k, v in params.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"theory.{k} must be finite, got {v}")
-        return Theory(name, "scalar", lattice, action, None, params)
-    raise ValueError(f"theory.kind must be 'gauge' or 'phi4', got {kind!r}")
