@@ -38,6 +38,24 @@ def model_aliases(args: list[str]) -> list[str]:
     return out
 
 
+#: jobs whose theory and model come from a checkpoint: their composed presets are placeholders
+FROM_CHECKPOINT = ("sample", "score")
+
+
+def checkpoint_overrides(args: list[str]) -> list[str]:
+    """``theory.<key>=v`` and ``model.<key>=v`` as Hydra's add-or-override ``++`` form: they apply
+    to the checkpoint's theory and model (a phi^4 run's ``theory.m2``, a plug-in's own keys),
+    which the placeholder preset composed by Hydra may not have. Keys the builder does not take
+    still fail at start-up, naming the key (gaugeflow.components)."""
+    out = []
+    for a in args:
+        key, eq, _ = a.partition("=")
+        if eq and key.split(".", 1)[0] in ("theory", "model") and "." in key and key[0] not in "+~":
+            a = "++" + a
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     # first of all: an older torch (an HPC module's, say) ends here with one line, before Hydra,
     # the launch detection or any job imports what that torch lacks
@@ -61,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         args = model_aliases(argv[1:])
+        if argv[0] in FROM_CHECKPOINT:
+            args = checkpoint_overrides(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
