@@ -266,10 +266,11 @@ def test_analyze_hmc_ensemble(tmp_path, hmc_run):
         assert s[name]["mean"] == pytest.approx(want.mean, rel=1e-12)
         assert s[name]["err"] == pytest.approx(want.err, rel=1e-12, abs=1e-300)
     assert s["acceptance"]["mean"] == pytest.approx(ens.columns["accepted"].mean())
-    # the same table `gaugeflow hmc` printed for the same chain (save_every=1)
-    for label in ("acceptance", "<exp(-dH)>", "plaquette"):
-        line = next(x for x in hmc_stdout.splitlines() if x.strip().startswith(label))
-        assert line in r.stdout.splitlines(), (line, r.stdout)
+    # the same table `gaugeflow hmc` printed for the same chain (save_every=1): every row, exact values included
+    hmc_rows = [x for x in hmc_stdout.splitlines() if x.startswith("  ")]
+    assert [x.split()[0] for x in hmc_rows] == ["acceptance", "<exp(-dH)>", "plaquette", "topological_charge",
+                                                "topological_charge_squared", "topological_susceptibility"]
+    assert hmc_rows == [x for x in r.stdout.splitlines() if x.startswith("  ")], (hmc_stdout, r.stdout)
     # exact finite-volume plaquette of 2d U(1) at beta = 2 on 4x4, within the run's error
     assert ens.attrs["beta"] == 2.0
     want = exact.plaquette("u1", 2.0, (4, 4))
@@ -283,7 +284,7 @@ def test_analyze_hmc_ensemble(tmp_path, hmc_run):
     assert set(chi) == {"mean", "err", "tau_int"} and chi["mean"] == pytest.approx(q2.mean / 16, rel=1e-12)
     assert chi["err"] == pytest.approx(q2.err / 16, rel=1e-12, abs=1e-300)
     assert s["_exact"]["topological_susceptibility"] == pytest.approx(exact.u1_topological_susceptibility(2.0, 16))
-    assert "topological_susceptibility" in r.stdout
+    assert f"exact {s['_exact']['topological_susceptibility']:.6g}   (= <Q^2>/V)" in r.stdout
     assert "log_p" not in s and "delta_h" not in s and "exp_minus_delta_h" in s
     plots = pngs(tmp_path / "a" / "plots")
     assert {"plaquette_history.png", "plaquette_histogram.png", "plaquette_autocorrelation.png"} <= {
@@ -349,7 +350,7 @@ def test_misspelt_key_fails_in_hydra(tmp_path):
 
 def write_u1(path, sampler, n, attrs=None, **columns):
     """A 2d U(1) 4x4 ensemble (identity links) carrying the given per-configuration series."""
-    a = {"theory": "u1_2d", "kind": "gauge", "group": "U(1)", "shape": [4, 4], "beta": 1.0, "action": "wilson",
+    a = {"theory": "u1_2d", "_target_": "gaugeflow.theories.gauge_theory", "group": "U(1)", "shape": [4, 4], "beta": 1.0, "action": "wilson",
          "c0": 1.0, "c1": 0.0, "sampler": sampler, **(attrs or {})}
     with EnsembleWriter(path, "links", (2, 4, 4, 1, 1), torch.complex128, a) as w:
         w.append(torch.ones(n, 2, 4, 4, 1, 1, dtype=torch.complex128), **{k: np.asarray(v) for k, v in columns.items()})
@@ -391,6 +392,10 @@ def test_heavy_tailed_weights_warn(tmp_path, capsys):
     assert r["khat"] > 0.7 and "Pareto k-hat" in r["warning"]
     out = capsys.readouterr()
     assert "Pareto k-hat" in out.out
+    # the rows `gaugeflow sample` prints for the same weights (gaugeflow.cli.report)
+    rows = [x.strip() for x in out.out.splitlines() if x.startswith("  ")]
+    assert f"{'ESS (proposals)':<22} {r['ess']:.4f}   ({r['n_eff']:.1f} effective of {n})" in rows, rows
+    assert f"{'log Z':<22} {r['log_z']:.6g} +- {r['log_z_err']:.2g}" in rows, rows
     lines = [x for x in out.err.splitlines() if x.startswith("warning: analyze:")]
     assert len(lines) == 1 and "error bars understate the truth" in lines[0]
 

@@ -434,3 +434,71 @@ def test_module_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------
+# reference values: one path, keyed on the attributes a file records
+# ---------------------------------------------------------------------------
+
+
+def _preset_theory(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    import gaugeflow.cli.hmc  # noqa: F401  (registers the hmc job's schema)
+    from gaugeflow.cli.build import theory_from_config
+    from gaugeflow.cli.common import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return theory_from_config(compose("hmc", overrides=["out=x.h5", *overrides]))
+
+
+@pytest.mark.parametrize("overrides,group,keys", [
+    (["theory=u1_2d", "theory.beta=2.0", "lattice.shape=[4,6]"], "u1",
+     {"log_z", "plaquette", "topological_charge", "topological_charge_squared", "topological_susceptibility"}),
+    (["theory=su2_2d", "lattice.shape=[4,4]"], "su2", {"log_z", "plaquette"}),
+    (["theory=su3_2d", "lattice.shape=[4,4]"], "su3", {"log_z", "plaquette"}),
+    (["theory=phi4_2d", "lattice.shape=[4,4]"], None, set()),
+    (["theory=phi4_2d_hopping", "lattice.shape=[4,4]"], None, set()),
+    (["theory=su3_2d", "theory.action=iwasaki", "lattice.shape=[4,4]"], None, set()),
+    (["theory=u1_4d", "lattice.shape=[2,2,2,2]"], None, set()),
+])
+def test_reference_values_are_those_of_the_theorys_attributes(tmp_path, overrides, group, keys):
+    import torch
+
+    from gaugeflow.io.ensemble import EnsembleWriter, read_ensemble
+
+    theory = _preset_theory(*overrides)
+    ref = exact.reference_values(theory)
+    assert set(ref) == keys
+    assert exact.reference_values_from_attributes(theory.attributes()) == ref  # exactly, not approximately
+    # the attributes as a file holds them (numpy scalars and arrays through h5py): what analyze sees
+    path = tmp_path / "e.h5"
+    with EnsembleWriter(path, "links" if theory.is_gauge else "phi", theory.field_shape(1)[1:],
+                        theory.field_dtype(torch.float64), theory.attributes()):
+        pass
+    assert exact.reference_values_from_attributes(read_ensemble(path, load_fields=False).attrs) == ref
+    if group is not None:
+        beta, shape = theory.params["beta"], tuple(theory.lattice.shape)
+        assert ref["plaquette"] == exact.plaquette(group, beta, shape)
+        assert ref["log_z"] == exact.log_z(group, beta, shape)
+    if group == "u1":
+        q2 = exact.u1_q2(2.0, 24)
+        assert ref["topological_charge"] == 0.0 and ref["topological_charge_squared"] == q2
+        assert ref["topological_susceptibility"] == q2 / 24
+
+
+def test_reference_values_from_attributes_needs_a_pure_2d_wilson_gauge_theory():
+    base = {"theory": "u1_2d", "_target_": "gaugeflow.theories.gauge_theory", "shape": [4, 4], "group": "U(1)", "beta": 1.0, "action": "wilson",
+            "c0": 1.0, "c1": 0.0}
+    full = exact.reference_values_from_attributes(base)
+    assert full["plaquette"] == exact.u1_plaquette(1.0, 16) and full["log_z"] == exact.u1_log_z(1.0, 16)
+    # an older file: no kind, no c0/c1 but the Wilson action's name
+    old = {k: v for k, v in base.items() if k not in ("kind", "c0", "c1")}
+    assert exact.reference_values_from_attributes(old) == full
+    for change in ({"c1": -0.331, "action": "iwasaki"}, {"c1": None, "action": "symanzik"}, {"shape": [4, 4, 4]},
+                   {"kind": "scalar"}, {"group": "none"}, {"kappa": 0.25}, {"nf": 2}, {"beta": "x"},
+                   {"group": "so3"}):
+        attrs = {k: v for k, v in {**base, **change}.items() if v is not None}
+        assert exact.reference_values_from_attributes(attrs) == {}, change
+    assert exact.reference_values_from_attributes({k: v for k, v in base.items() if k != "beta"}) == {}
+    assert exact.reference_values_from_attributes({}) == {}

@@ -6,13 +6,13 @@ import torch
 
 from gaugeflow import exact
 from gaugeflow.sampling.hmc import HMC
-from gaugeflow.theories import build_theory
+from gaugeflow.components import build_theory
 
-U1 = dict(name="u1_2d", kind="gauge", group="u1", dim=2, beta=2.0)
-SU2 = dict(name="su2_2d", kind="gauge", group="su2", dim=2, beta=2.0)
-SU3 = dict(name="su3_2d", kind="gauge", group="su3", dim=2, beta=4.0)
-SU3_4D = dict(name="su3_4d", kind="gauge", group="su3", dim=4, beta=5.5)
-PHI4 = dict(name="phi4_2d", kind="phi4", m2=-4.0, lam=8.0)
+U1 = dict(name="u1_2d", _target_="gaugeflow.theories.gauge_theory", group="u1", dim=2, beta=2.0)
+SU2 = dict(name="su2_2d", _target_="gaugeflow.theories.gauge_theory", group="su2", dim=2, beta=2.0)
+SU3 = dict(name="su3_2d", _target_="gaugeflow.theories.gauge_theory", group="su3", dim=2, beta=4.0)
+SU3_4D = dict(name="su3_4d", _target_="gaugeflow.theories.gauge_theory", group="su3", dim=4, beta=5.5)
+PHI4 = dict(name="phi4_2d", _target_="gaugeflow.theories.phi4_theory", m2=-4.0, lam=8.0)
 
 
 def flip(p):
@@ -108,7 +108,7 @@ def test_free_scalar_field(shape):
     # Each Fourier mode is an oscillator turned by omega tau per trajectory; keeping
     # omega tau in (0.4, 2.3) for all modes (omega^2 = 2(khat^2 + m2) <= 25 here) avoids
     # the near-resonance omega tau ~ pi that freezes a mode's amplitude (Mackenzie 1989).
-    theory = build_theory(dict(name="free", kind="phi4", m2=0.5, lam=0.0), shape)
+    theory = build_theory(dict(name="free", _target_="gaugeflow.theories.phi4_theory", m2=0.5, lam=0.0), shape)
     mean, err, _ = chains(theory, 32, 40, 100, 6, 0.45, 3, lambda x: x.square().flatten(1).mean(1))
     assert abs(mean - free_field_phi2(shape, 0.5)) < 3 * err
 

@@ -67,6 +67,8 @@ __all__ = [
     "log_z",
     "plaquette",
     "wilson_loop",
+    "reference_values",
+    "reference_values_from_attributes",
 ]
 
 # Terms smaller than exp(-_CUT) times the leading one are dropped. e^-60 ~ 1e-26
@@ -807,13 +809,83 @@ def wilson_loop(group: str, beta: float, area: int, volume) -> float:
     return sun_wilson_loop(n, beta, area, volume)
 
 
-def reference_values(theory) -> dict[str, float]:
-    """Exact finite-volume ``log_z`` and ``plaquette`` of a :class:`gaugeflow.theories.Theory`
-    where known (2d Wilson gauge theories on the whole lattice), else ``{}``."""
-    if not theory.is_gauge or theory.lattice.ndim != 2 or theory.params.get("c1", 0.0) != 0.0:
+#: attributes of a theory with dynamical fermions (its weight has a determinant): the pure-gauge
+#: character expansion does not describe it
+_FERMION_ATTRIBUTES = ("fermion", "fermions", "nf", "n_f", "n_flavors", "kappa", "csw", "dirac")
+#: names of the exact topology values (the estimate names of ``gaugeflow.sampling.summary.topology``)
+_TOPOLOGY = ("topological_charge", "topological_charge_squared", "topological_susceptibility")
+
+
+def _attr(attrs, key, default=None):
+    v = attrs.get(key, default)
+    if isinstance(v, bytes):
+        v = v.decode("utf-8")
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v.item()
+    return v
+
+
+def reference_values_from_attributes(attrs) -> dict[str, float]:
+    """Exact finite-volume reference values of the theory a file's attributes describe, else ``{}``.
+
+    ``attrs`` is what :meth:`gaugeflow.theories.Theory.attributes` returns and jobs write into
+    their HDF5 files (``theory``, ``kind``, ``shape``, ``group``, ``beta``, ``action``, ``c0``,
+    ``c1``, ...; numpy scalars, arrays and bytes as h5py reads them are accepted). Known: 2d pure
+    gauge theories with the Wilson action on the whole periodic lattice (``kind`` ``gauge``, or
+    absent in older files, a group other than ``none``, a ``shape`` of two extents, ``c1`` 0, or
+    no ``c1`` and ``action`` ``wilson``, and no fermion attributes):
+
+    * ``log_z``, ``plaquette``: :func:`log_z`, :func:`plaquette` (every group the character
+      expansion reaches; nothing where it fails);
+    * for U(1) also the geometric topological charge's ``topological_charge`` (0),
+      ``topological_charge_squared`` (:func:`u1_q2`) and ``topological_susceptibility``
+      (``<Q^2> / V``).
+
+    This is the one place that decides which exact values a theory has:
+    :func:`reference_values` is this function of ``theory.attributes()``, and ``gaugeflow
+    analyze`` calls it with the file's attributes, so a job and the analysis of its file print
+    the same exact values.
+    """
+    kind, group = _attr(attrs, "kind"), _attr(attrs, "group")
+    if kind not in (None, "gauge") or group is None or str(group).lower() == "none" or "beta" not in attrs:
         return {}
-    group, beta, shape = theory.group.name, theory.params["beta"], tuple(theory.lattice.global_shape)
+    if any(k in attrs for k in _FERMION_ATTRIBUTES):
+        return {}
     try:
-        return {"log_z": log_z(group, beta, shape), "plaquette": plaquette(group, beta, shape)}
-    except (ValueError, RuntimeError):  # a group or coupling outside the exact solution's reach
+        shape = tuple(int(s) for s in np.atleast_1d(_attr(attrs, "shape", ())))
+        c1 = _attr(attrs, "c1")
+        if c1 is None:
+            if str(_attr(attrs, "action", "wilson")) != "wilson":
+                return {}
+        elif float(c1) != 0.0:
+            return {}
+        c0 = _attr(attrs, "c0")
+        if c0 is not None and float(c0) != 1.0:
+            return {}
+        beta = float(_attr(attrs, "beta"))
+        n = _parse_group(str(group))
+    except (TypeError, ValueError):
         return {}
+    if len(shape) != 2:
+        return {}
+    try:
+        out = {"log_z": log_z(str(group), beta, shape), "plaquette": plaquette(str(group), beta, shape)}
+    except (ValueError, TypeError, OverflowError, RuntimeError):
+        return {}  # a coupling or volume outside the exact solution's reach: nothing to compare with
+    if n == 0:
+        volume = shape[0] * shape[1]
+        try:
+            q2 = u1_q2(beta, volume)
+        except (ValueError, TypeError, OverflowError, RuntimeError):
+            return out
+        out.update(zip(_TOPOLOGY, (0.0, q2, q2 / volume)))
+    return out
+
+
+def reference_values(theory) -> dict[str, float]:
+    """Exact finite-volume values of a :class:`gaugeflow.theories.Theory` where known, else ``{}``:
+    :func:`reference_values_from_attributes` of ``theory.attributes()`` (on a domain-decomposed run,
+    with the whole lattice's shape)."""
+    attrs = dict(theory.attributes())
+    attrs["shape"] = list(theory.lattice.global_shape)
+    return reference_values_from_attributes(attrs)

@@ -28,7 +28,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require
+from gaugeflow.cli.report import estimate_rows, ess_row, khat_row, log_z_row, table, warn
 from gaugeflow.cli.schema import TheoryConf
+from gaugeflow.exact import reference_values_from_attributes
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.sampling.statistics import MIN_SAMPLES, Estimate
 from gaugeflow.sampling.summary import summarize, topology
@@ -50,6 +52,7 @@ class AnalyzeJob:
     # `theory=<preset>` is a group override in Hydra (conf/theory exists), so the preset is
     # composed here; only its name is compared with the ensemble's `theory` attribute
     theory: Optional[TheoryConf] = None
+    model: Optional[TheoryConf] = None  # the flow a theory preset names (composed with it, unused here)
     n_therm: int = 0
     s_tau: float = 2.0
     plots: bool = True
@@ -174,7 +177,7 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
     if "topological_charge" in series:
         estimates.update(topology(series["topological_charge"], _volume(ens.attrs), log_w, s_tau))
     return EnsembleAnalysis(ens.path, ens.attrs, ens.n_cfg, n_therm, "gamma_method" if chain else "reweighted",
-                            series, estimates, log_w, reweighting, _exact(ens.attrs),
+                            series, estimates, log_w, reweighting, reference_values_from_attributes(ens.attrs),
                             _proposals(ens.attrs) if chain else {})
 
 
@@ -198,27 +201,6 @@ def _proposals(attrs: dict[str, Any]) -> dict[str, Any]:
     khat = float(attrs.get("khat", math.nan))
     n_eff = ess * n if math.isfinite(ess) else 0.0
     return {"ess": ess, "n_eff": n_eff, "khat": khat, "n_proposals": n, "warning": weights_warning(khat, n_eff)}
-
-
-def _exact(attrs: dict[str, Any]) -> dict[str, float]:
-    """Exact finite-volume plaquette and log Z of 2d Wilson gauge theories (character expansion), and
-    for U(1) the moments of the geometric topological charge."""
-    group = attrs.get("group")
-    shape = [int(s) for s in np.atleast_1d(attrs.get("shape", []))]
-    c1 = attrs.get("c1", 0.0 if attrs.get("action", "wilson") == "wilson" else None)
-    if not group or group == "none" or len(shape) != 2 or c1 != 0.0 or "beta" not in attrs:
-        return {}
-    from gaugeflow import exact
-
-    group, beta, shape = str(group), float(attrs["beta"]), tuple(shape)
-    try:
-        out = {"plaquette": exact.plaquette(group, beta, shape), "log_z": exact.log_z(group, beta, shape)}
-    except (ValueError, TypeError, OverflowError, RuntimeError):
-        return {}  # a group or coupling outside the exact solution's reach: nothing to compare with
-    from gaugeflow.sampling.summary import exact_topology
-
-    out.update(exact_topology(group, shape, beta, c1))  # 2d U(1): <Q^2> and chi_t as well
-    return out
 
 
 def _autocorrelation(x: np.ndarray, s_tau: float):
@@ -371,8 +353,6 @@ def plot_training(training: TrainingRun, plot_dir: pathlib.Path, written: list) 
 
 
 def _report(ens, training, summary_path, written, s_tau) -> None:
-    from gaugeflow.cli.sample import format_khat, warn
-
     lines, warnings = [], []
     if ens is not None:
         a = ens.attrs
@@ -380,32 +360,20 @@ def _report(ens, training, summary_path, written, s_tau) -> None:
         method = f"Gamma method (S={s_tau:g})" if ens.method == "gamma_method" else "reweighted independent draws"
         lines.append(f"analyze {ens.path}: {a.get('theory')} ({params}) shape={_shape(a)}, "
                      f"{ens.n_cfg - ens.n_therm} configurations after n_therm={ens.n_therm}, {method}")
-        w = max([22, *(len(name) for name in ens.estimates)])
-        for name, est in ens.estimates.items():
-            if name == "action":
-                continue  # extensive and rarely of interest; it is in summary.json
-            label = {"exp_minus_delta_h": "<exp(-dH)>"}.get(name, name)
-            line = f"  {label:<{w}} {est.mean:.6g} +- {est.err:.2g}   tau_int {est.tau_int:.2f}"
-            if name == "exp_minus_delta_h":
-                line += "   (must be 1 within errors)"
-            if name in ens.exact:
-                line += f"   exact {ens.exact[name]:.6g}"
-            lines.append(line)
+        # the rows the job that wrote the file printed: same names, same exact values, same column width
+        flow_time = a.get("flow_time")
+        rows = estimate_rows(ens.estimates, ens.exact, ndim=len(_shape(a)),
+                             flow_time=None if flow_time is None else float(flow_time))
         if ens.reweighting:
             r = ens.reweighting
-            lines.append(f"  {'ESS':<{w}} {r['ess']:.4f}   ({r['n_eff']:.1f} effective of {ens.log_w.size} draws)")
-            lines.append(f"  {'Pareto k-hat':<{w}} {format_khat(r['khat'])}   (> 0.7: weights unreliable)")
-            line = f"  {'log Z estimate':<{w}} {r['log_z']:.6g} +- {r['log_z_err']:.2g}"
-            if "log_z" in ens.exact:
-                line += f"   exact {ens.exact['log_z']:.6g}"
-            lines.append(line)
+            rows += [ess_row(r["ess"], r["n_eff"], ens.log_w.size), khat_row(r["khat"]),
+                     log_z_row(r["log_z"], r["log_z_err"], ens.exact.get("log_z"))]
             warnings.append(r["warning"])
         if ens.proposals:
             p = ens.proposals
-            lines.append(f"  {'ESS (proposals)':<{w}} {p['ess']:.4f}   ({p['n_eff']:.1f} effective of "
-                         f"{p['n_proposals']} proposals, as sampled)")
-            lines.append(f"  {'Pareto k-hat':<{w}} {format_khat(p['khat'])}   (> 0.7: weights unreliable)")
+            rows += [ess_row(p["ess"], p["n_eff"], p["n_proposals"]), khat_row(p["khat"])]
             warnings.append(p["warning"])
+        lines += table(rows)
     if training is not None:
         last = training.last()
         shown = ", ".join(f"{k} {last[k]:.6g}" for k in ("loss", "free_energy", "ess", "lr") if k in last)

@@ -22,14 +22,15 @@ from gaugeflow.cli.common import (
     resolve_dtype,
     stop_on_sigterm,
 )
+from gaugeflow.cli.build import theory_from_config
 from gaugeflow.cli.progress import progress_bar
+from gaugeflow.cli.report import estimate_rows, table
 from gaugeflow.cli.restore import sha256_file
 from gaugeflow.cli.schema import register
 from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleWriter, parse_compression, read_chain_state, read_ensemble
 from gaugeflow.sampling.hmc import HMC
 from gaugeflow.sampling.statistics import gamma_method
-from gaugeflow.theories import build_theory
 from gaugeflow.theories.gauge import IMPROVEMENTS
 from gaugeflow.theories.theory import MISSING_ATTR
 
@@ -52,7 +53,7 @@ def run_hmc(cfg: DictConfig) -> dict:
     compression = h.get("compression")
     try:
         parse_compression(compression, "hmc.compression")
-        theory = build_theory(OmegaConf.to_container(cfg.theory, resolve=True), cfg.lattice.shape)
+        theory = theory_from_config(cfg)
         generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
         sampler = HMC(theory, h.n_steps, h.traj_length, h.integrator, h.force, generator)
     except ValueError as err:
@@ -207,44 +208,12 @@ def _summarise(series: dict[str, list[float]], theory) -> dict[str, dict[str, fl
 
 def _report(cfg, theory, summary, n_done, n_therm, seconds, reason, writer) -> None:
     params = ", ".join(f"{k}={v}" for k, v in theory.params.items() if k not in ("c0",))
-    lines = [
-        f"hmc {theory.name} ({params}) shape={list(theory.lattice.shape)}: {n_done} trajectories after "
-        f"{n_therm} thermalization in {seconds:.1f} s" + ("" if reason == "completed" else f" (stopped by {reason})")
-    ]
-    exact = reference_values(theory).get("plaquette")
-    exact_chi = _exact_susceptibility(theory)
-    flow = float(cfg.hmc.flow_time)
-    # the table `gaugeflow analyze` prints for the file: same names, same column width
-    width = max([22, *(len(name) for name in summary)])
-    for name, est in summary.items():
-        if name in ("action",):
-            continue
-        label = {"accepted": "acceptance", "exp_minus_delta_h": "<exp(-dH)>"}.get(name, name)
-        line = f"  {label:<{width}} {est['mean']:.6g} +- {est['err']:.2g}   tau_int {est['tau_int']:.2f}"
-        if name == "exp_minus_delta_h":
-            line += "   (must be 1 within errors)"
-        if name == "plaquette" and exact is not None:
-            line += f"   exact {exact:.6g}"
-        if name == "topological_susceptibility":
-            if exact_chi is not None:
-                line += f"   exact {exact_chi:.6g}"
-            line += "   (= <Q^2>/V" + (f", clover charge at flow time t={flow:g})" if theory.lattice.ndim == 4 else ")")
-        lines.append(line)
-    lines.append(f"wrote {writer.n} configurations to {writer.path}")
-    print("\n".join(lines))
-
-
-def _exact_susceptibility(theory) -> float | None:
-    """Exact chi_t of 2d U(1) with the Wilson action (geometric charge), else None."""
-    if not (theory.is_gauge and theory.group.N == 1 and theory.lattice.ndim == 2
-            and theory.params.get("c1", 0.0) == 0.0):
-        return None
-    from gaugeflow import exact as exact_mod
-
-    try:
-        return exact_mod.u1_topological_susceptibility(theory.params["beta"], math.prod(theory.lattice.global_shape))
-    except (ValueError, RuntimeError, OverflowError):
-        return None
+    head = (f"hmc {theory.name} ({params}) shape={list(theory.lattice.shape)}: {n_done} trajectories after "
+            f"{n_therm} thermalization in {seconds:.1f} s" + ("" if reason == "completed" else f" (stopped by {reason})"))
+    # the rows `gaugeflow analyze` prints for the file: same names, same exact values, same column width
+    rows = estimate_rows(summary, reference_values(theory), ndim=theory.lattice.ndim,
+                         flow_time=float(cfg.hmc.flow_time))
+    print("\n".join([head, *table(rows), f"wrote {writer.n} configurations to {writer.path}"]))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="hmc")

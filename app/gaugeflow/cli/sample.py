@@ -36,6 +36,8 @@ from gaugeflow.cli.build import parallel_from_config, theory_from_config
 from gaugeflow.cli.common import (CONFIG_DIR, UsageError, guarded, parse_duration, require, resolve_device,
                                   resolve_dtype, stop_on_sigterm)
 from gaugeflow.cli.progress import progress_bar
+from gaugeflow.cli.report import Row, estimate_rows, ess_row, khat_row, log_z_row, table, warn
+from gaugeflow.cli.report import format_khat  # noqa: F401  (re-exported: formerly defined here)
 from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
 from gaugeflow.distributed.init import DistConf
@@ -44,7 +46,7 @@ from gaugeflow.io.ensemble import EnsembleWriter, parse_compression
 from gaugeflow.io.provenance import provenance
 from gaugeflow.sampling.imh import IndependenceMetropolis, block_entries, gather_chain
 from gaugeflow.sampling.statistics import gamma_method
-from gaugeflow.sampling.summary import exact_topology, summarize, topology
+from gaugeflow.sampling.summary import summarize, topology
 from gaugeflow.sampling.weights import log_z_estimate, weight_diagnostics
 
 METHODS = ("imh", "reweight")
@@ -64,9 +66,9 @@ class SampleConf:
 
 @dataclass
 class SampleJob:
-    theory: TheoryConf = field(default_factory=TheoryConf)
+    theory: TheoryConf = None
     lattice: LatticeConf = field(default_factory=LatticeConf)
-    model: ModelConf = field(default_factory=ModelConf)
+    model: ModelConf = None
     sample: SampleConf = field(default_factory=SampleConf)
     checkpoint: Optional[str] = None
     allow_targets: List[str] = field(default_factory=list)  # _target_ prefixes beyond gaugeflow. and torch.
@@ -176,9 +178,6 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
     field_dtype = theory.field_dtype(dtype)
     flow_time = sample_flow_time(cfg)
     exact = reference_values(theory)
-    if theory.is_gauge and exact:  # a 2d Wilson theory: its charge is known exactly too
-        exact.update(exact_topology(theory.group.name, theory.lattice.shape, theory.params.get("beta"),
-                                    theory.params.get("c1", 0.0)))
 
     gen = torch.Generator(device=device).manual_seed(par.seed(int(cfg.seed)))
     chain = IndependenceMetropolis(torch.Generator().manual_seed(_imh_seed(int(cfg.seed)))) \
@@ -284,7 +283,7 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
                    model_dtype=str(dtype).removeprefix("torch."), checkpoint=str(ck.path.resolve()),
                    out=str(out.path))
     write_summary(summary)
-    _report(theory, s.method, summary, names, ck, seconds, reason, out)
+    _report(theory, s.method, summary, names, ck, seconds, reason, out, flow_time)
     return summary
 
 
@@ -606,9 +605,9 @@ def _summarise(series, log_w: torch.Tensor, is_chain: bool, exact: dict, volume:
     out["weights_warning"] = diag["warning"]
     if accepted is not None and accepted.size:
         acc = gamma_method(accepted.astype(np.float64))
-        out["acceptance"], out["acceptance_err"] = acc.mean, acc.err
+        out["acceptance"], out["acceptance_err"], out["acceptance_tau_int"] = acc.mean, acc.err, acc.tau_int
     else:
-        out["acceptance"], out["acceptance_err"] = None, None
+        out["acceptance"], out["acceptance_err"], out["acceptance_tau_int"] = None, None, None
     if n:
         out["log_z"], out["log_z_err"] = log_z_estimate(log_w)
         # <log q + S>_q >= -log Z: the reverse-KL bound the training minimised
@@ -649,53 +648,26 @@ def write_summary(summary: dict, name: str = "summary.json") -> pathlib.Path:
     return path
 
 
-def _fmt(est: dict) -> str:
-    return f"{est['mean']:.6g} +- {est['err']:.2g}   tau_int {est['tau_int']:.2f}"
-
-
-def format_khat(khat) -> str:
-    """k-hat for a report line: its value, or what an infinite or undefined one means."""
-    if khat is None or (isinstance(khat, float) and math.isnan(khat)):
-        return "n/a (too few draws)"
-    if khat == -math.inf:
-        return "-inf (no tail: the largest weights are equal)"
-    return f"{khat:.3f}"
-
-
-def warn(message: str | None, where: str) -> None:
-    """One line on stderr (nothing for None)."""
-    if message:
-        print(f"warning: {where}: {message}", file=sys.stderr)
-
-
-def _report(theory, method, summary, names, ck, seconds, reason, out) -> None:
+def _report(theory, method, summary, names, ck, seconds, reason, out, flow_time: float = 0.0) -> None:
     params = ", ".join(f"{k}={v}" for k, v in theory.params.items() if k not in ("c0",))
     what = "IMH steps" if method == "imh" else "independent draws (reweighted)"
-    w = max([22, *(len(name) for name in names)])
-    lines = [
-        f"sample {theory.name} ({params}) shape={list(theory.lattice.shape)}: {summary['n']} {what} from "
-        f"{ck.path} (step {ck.step}) in {seconds:.1f} s, model in {summary['model_dtype']}"
-        + ("" if reason == "completed" else f" (stopped by {reason})"),
-        f"  {'ESS (proposals)':<{w}} {summary['ess']:.4f}   ({summary['n_eff']:.1f} effective of {summary['n']})",
-        f"  {'Pareto k-hat':<{w}} {format_khat(summary['khat'])}   (> 0.7: weights unreliable)",
-    ]
+    head = [f"sample {theory.name} ({params}) shape={list(theory.lattice.shape)}: {summary['n']} {what} from "
+            f"{ck.path} (step {ck.step}) in {seconds:.1f} s, model in {summary['model_dtype']}"
+            + ("" if reason == "completed" else f" (stopped by {reason})")]
     if target_line(summary["target_changes"]):
-        lines.insert(1, target_line(summary["target_changes"]))
+        head.append(target_line(summary["target_changes"]))
+    rows = [ess_row(summary["ess"], summary["n_eff"], summary["n"]), khat_row(summary["khat"])]
     if summary["acceptance"] is not None:
-        lines.append(f"  {'acceptance':<{w}} {summary['acceptance']:.4f} +- {summary['acceptance_err']:.2g}")
+        rows += estimate_rows({"accepted": {"mean": summary["acceptance"], "err": summary["acceptance_err"],
+                                            "tau_int": summary["acceptance_tau_int"]}})
     if summary["log_z"] is not None:
-        line = f"  {'-log Z':<{w}} {-summary['log_z']:.6g} +- {summary['log_z_err']:.2g}"
-        if "log_z_exact" in summary:
-            line += f"   exact {-summary['log_z_exact']:.6g}"
-        lines.append(line)
-        lines.append(f"  {'F_q = <log q + S>_q':<{w}} {summary['free_energy_bound']:.6g}   (>= -log Z)")
-    for name in names:
-        line = f"  {name:<{w}} {_fmt(summary[name])}"
-        if "exact" in summary[name]:
-            line += f"   exact {summary[name]['exact']:.6g}"
-        lines.append(line)
-    lines.append(f"wrote {out.n} configurations to {out.path}")
-    print("\n".join(lines))
+        rows.append(log_z_row(summary["log_z"], summary["log_z_err"], summary.get("log_z_exact")))
+        rows.append(Row("F_q = <log q + S>_q", f"{summary['free_energy_bound']:.6g}   (>= -log Z)"))
+    # the rows `gaugeflow analyze` prints for the file: same names, same exact values, same column width
+    rows += estimate_rows({name: summary[name] for name in names}, {k: v["exact"] for k, v in summary.items()
+                                                                      if k in names and "exact" in v},
+                          ndim=theory.lattice.ndim, flow_time=flow_time)
+    print("\n".join([*head, *table(rows), f"wrote {out.n} configurations to {out.path}"]))
     sys.stdout.flush()
     warn(summary["weights_warning"], "sample")
 

@@ -34,9 +34,10 @@ from gaugeflow.cli.build import theory_from_config
 from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require, resolve_device, resolve_dtype
 from gaugeflow.cli.progress import progress_bar
 from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, training_dtype
-from gaugeflow.cli.sample import format_khat, target_line, target_record, warn, write_summary
-from gaugeflow.exact import reference_values
+from gaugeflow.cli.report import Row, estimate_text, ess_row, khat_row, table, warn
+from gaugeflow.cli.sample import target_line, target_record, write_summary
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
+from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.io.provenance import provenance
 from gaugeflow.sampling.statistics import gamma_method
@@ -54,9 +55,9 @@ class ScoreConf:
 
 @dataclass
 class ScoreJob:
-    theory: TheoryConf = field(default_factory=TheoryConf)
+    theory: TheoryConf = None
     lattice: LatticeConf = field(default_factory=LatticeConf)
-    model: ModelConf = field(default_factory=ModelConf)
+    model: ModelConf = None
     score: ScoreConf = field(default_factory=ScoreConf)
     checkpoint: Optional[str] = None
     allow_targets: List[str] = field(default_factory=list)  # _target_ prefixes beyond gaugeflow. and torch.
@@ -237,24 +238,29 @@ def _write_scores(path, log_q: np.ndarray, log_p: np.ndarray, attrs: dict) -> pa
 
 def _report(theory, summary, ens, ck, out) -> None:
     est = summary["log_p_minus_log_q"]
-    how = "reweighted with the ensemble's weights" if summary["weighted"] else f"tau_int {est['tau_int']:.2f}"
-    ess_label = "ESS (stored weights)" if summary["ess_kind"] == "stored weights" else "ESS (forward)"
+    weighted = summary["weighted"]
     lines = [
         f"score {theory.name} shape={list(theory.lattice.shape)}: {summary['n']} configurations of {ens.path} "
         f"under {ck.path} (step {ck.step}), model in {summary['model_dtype']}",
         *([target_line(summary["target_changes"])] if summary["target_changes"] else []),
-        f"  {'E_p[log p~ - log q]':<22} {est['mean']:.6g} +- {est['err']:.2g}   {how}   (= KL(p||q) + log Z)",
-        f"  {ess_label:<22} {summary['ess']:.4f}   ({summary['n_eff']:.1f} effective of {summary['n']})",
-        f"  {'Pareto k-hat':<22} {format_khat(summary['khat'])}   (> 0.7: weights unreliable)",
+    ]
+    how = "reweighted with the ensemble's weights   " if weighted else ""
+    rows = [
+        Row("E_p[log p~ - log q]", estimate_text(est["mean"], est["err"], None if weighted else est["tau_int"],
+                                                 note=how + "(= KL(p||q) + log Z)")),
+        ess_row(summary["ess"], summary["n_eff"], summary["n"],
+                "stored weights" if summary["ess_kind"] == "stored weights" else "forward"),
+        khat_row(summary["khat"]),
     ]
     if "log_z_exact" in summary:
         kl = summary["forward_kl"]
-        lines.append(f"  {'log Z':<22} exact {summary['log_z_exact']:.6g}")
-        lines.append(f"  {'forward KL(p||q)':<22} {kl['mean']:.6g} +- {kl['err']:.2g}")
+        rows.append(Row("log Z", f"exact {summary['log_z_exact']:.6g}"))
+        rows.append(Row("forward KL(p||q)", estimate_text(kl["mean"], kl["err"])))
     check = summary.get("log_q_vs_ensemble")
     if check is not None:
-        lines.append(f"  {'|log q - sampled|':<22} max {check['max_abs']:.3g}   rms {check['rms']:.3g}   "
-                     f"(the ensemble's log_q, sampled in {check['ensemble_model_dtype'] or '?'})")
+        rows.append(Row("|log q - sampled|", f"max {check['max_abs']:.3g}   rms {check['rms']:.3g}   "
+                                             f"(the ensemble's log_q, sampled in {check['ensemble_model_dtype'] or '?'})"))
+    lines += table(rows)
     lines.append(f"wrote log_q and log_p of {summary['n']} configurations to {out}")
     print("\n".join(lines))
     sys.stdout.flush()

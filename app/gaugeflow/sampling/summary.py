@@ -67,19 +67,3 @@ def topology(charge, volume: int, log_w=None, s_tau: float = 2.0) -> dict[str, E
     est = gamma_method(q2, s_tau) if log_w is None else reweighted(q2, log_w, s_tau)
     chi = Estimate(est.mean / volume, est.err / volume, est.tau_int, est.tau_int_err)
     return {TOPOLOGY[0]: est, TOPOLOGY[1]: chi}
-
-
-def exact_topology(group: str | None, shape, beta, c1=0.0) -> dict[str, float]:
-    """Exact finite-volume ``<Q>`` (0), ``<Q^2>`` and ``chi_t`` of the geometric charge of 2d U(1) with
-    the Wilson action (:func:`gaugeflow.exact.u1_q2`), else ``{}``."""
-    shape = [int(s) for s in shape]
-    if str(group).lower().replace("(", "").replace(")", "") != "u1" or len(shape) != 2 or beta is None or (c1 not in (None, 0, 0.0)):
-        return {}
-    from gaugeflow import exact
-
-    volume = math.prod(shape)
-    try:
-        q2 = exact.u1_q2(float(beta), volume)
-    except (ValueError, TypeError, OverflowError, RuntimeError):
-        return {}
-    return {"topological_charge": 0.0, TOPOLOGY[0]: q2, TOPOLOGY[1]: q2 / volume}
