@@ -106,9 +106,12 @@ def test_imh_ensemble(work, imh):
     assert summary["topological_susceptibility"]["err"] == pytest.approx(summary["topological_charge_squared"]["err"] / 16)
     assert summary["topological_susceptibility"]["exact"] == pytest.approx(exact.u1_q2(a["beta"], 16) / 16)
     out = imh.stdout
-    for needle in ("ESS (proposals)", "Pareto k-hat", "acceptance", "-log Z", "exact", "plaquette", "tau_int",
+    for needle in ("ESS (proposals)", "Pareto k-hat", "acceptance", "log Z", "exact", "plaquette", "tau_int",
                    "topological_susceptibility", "wrote 40"):
         assert needle in out, needle
+    row = next(x for x in out.splitlines() if x.split()[:2] == ["log", "Z"])
+    assert f"{summary['log_z']:.6g} +- {summary['log_z_err']:.2g}   exact {summary['log_z_exact']:.6g}" in row, row
+    assert f"tau_int {summary['acceptance_tau_int']:.2f}" in next(x for x in out.splitlines() if "acceptance" in x)
 
 
 def test_reweight_ensemble_holds_the_proposals_of_the_chain(work, imh, rw):
@@ -128,6 +131,26 @@ def test_reweight_ensemble_holds_the_proposals_of_the_chain(work, imh, rw):
     q2 = draws.columns["topological_charge"] ** 2
     assert summary["topological_susceptibility"]["mean"] == pytest.approx((w * q2).sum() / w.sum() / 16)
     assert "acceptance" not in rw.stdout
+
+
+@pytest.mark.parametrize("method", ["imh", "rw"])
+def test_sample_and_analyze_of_its_file_print_the_same_rows(work, imh, rw, method):
+    """One report formatter and one exact-reference path: every estimate row of `gaugeflow sample`
+    (observables with their exact values, acceptance, ESS, k-hat, log Z) is the row `gaugeflow
+    analyze` prints for the file it wrote."""
+    job = {"imh": imh, "rw": rw}[method]
+    a = ok(gaugeflow("analyze", f"ensemble={method}.h5", "plots=false", f"hydra.run.dir=a_{method}", cwd=work))
+    # all but the bound F_q, which analyze does not print, and for the chain log Z of its proposals, which
+    # the file (the chain's states) cannot give
+    rows = [line for line in job.stdout.splitlines() if line.startswith("  ") and "F_q" not in line
+            and not (method == "imh" and line.split()[:2] == ["log", "Z"])]
+    assert len(rows) == 7 and "exact" in "".join(rows), job.stdout
+    for line in rows:
+        assert line in a.stdout.splitlines(), (line, a.stdout)
+    summary = json.loads((work / f"{method}_run" / "summary.json").read_text())
+    analysis = json.loads((work / f"a_{method}" / "summary.json").read_text())
+    assert analysis["_exact"] == {k: v["exact"] for k, v in summary.items() if isinstance(v, dict) and "exact" in v} | {
+        "log_z": summary["log_z_exact"]}
 
 
 def test_score_reproduces_the_samplers_log_q(work, imh):
@@ -207,10 +230,10 @@ def test_sample_bad_input(work, args, needle):
 def fake_ensemble(path, theory_name, shape, beta):
     """A valid ensemble file of two random configurations (no sampler run needed to test rejection)."""
     from gaugeflow.io import EnsembleWriter
-    from gaugeflow.theories import build_theory
+    from gaugeflow.components import build_theory
 
     group = theory_name.split("_")[0]
-    theory = build_theory({"name": theory_name, "kind": "gauge", "group": group, "dim": 2, "beta": beta}, shape)
+    theory = build_theory({"name": theory_name, "_target_": "gaugeflow.theories.gauge_theory", "group": group, "dim": 2, "beta": beta}, shape)
     links = theory.start(2, "hot", torch.Generator().manual_seed(0))
     with EnsembleWriter(path, "links", links.shape[1:], links.dtype, theory.attributes()) as w:
         w.append(links, log_p=-theory.action(links))
@@ -271,11 +294,13 @@ def test_restore_merges_into_the_schema(fake_ck, job):
     assert ck.step == 3 and training_dtype(ck) == torch.float64
     t, m = merged.theory, merged.model
     assert t.beta == 2.5 and isinstance(t.beta, float)  # the override, on top of the checkpoint's 3.0
-    assert t.action == "wilson"  # absent from the saved config: the schema's default
+    assert t.action == "wilson"  # absent from the saved config: the builder's default
     assert "a_key_from_the_future" not in t and "newer" not in t.hmc and "another_future_key" not in m
     assert m.n_layers == 2 and list(m.hidden) == [4] and m.n_bins == 6 and m.kernel_size == 3
     assert list(merged.lattice.shape) == [4, 4]
-    assert OmegaConf.get_type(t).__name__ == "TheoryConf"
+    # an older checkpoint's `kind:` nodes are today's _target_ nodes (model.kind null: the theory's flow)
+    assert t._target_ == "gaugeflow.theories.gauge_theory" and "kind" not in t
+    assert m._target_ == "gaugeflow.flows.models.u1_equivariant" and "kind" not in m
     # the merged config is a valid job config: it resolves and builds theory and model
     OmegaConf.to_container(merged.theory, resolve=True, throw_on_missing=True)
     OmegaConf.to_container(merged.model, resolve=True, throw_on_missing=True)
@@ -290,8 +315,8 @@ def test_restore_group_overrides_and_errors(fake_ck, tmp_path):
     from gaugeflow.cli.common import UsageError
     from gaugeflow.cli.restore import restore_config
 
-    cfg = compose("sample", ["model=small"])
-    merged, _ = restore_config(cfg, fake_ck, overrides=["model=small"])
+    cfg = compose("sample", ["model_size=small"])
+    merged, _ = restore_config(cfg, fake_ck, overrides=["model_size=small"])
     assert merged.model == cfg.model and merged.theory.beta == 3.0  # composed model, saved theory
     cfg = compose("sample", ["theory=su2_2d"])
     with pytest.raises(UsageError, match="checkpoint=.*theory=su2_2d is not on the field space the flow was trained"):
@@ -467,10 +492,13 @@ def test_flow_time_reaches_the_4d_charge(tmp_path, monkeypatch):
     """A (random-weight) 4d U(1) flow: sample.flow_time is the Wilson-flow time of the clover charge."""
     from gaugeflow.cli.build import model_from_config, theory_from_config
 
-    sections = ("theory: {name: u1_4d, kind: gauge, group: u1, dim: 4, default_shape: [4, 4, 4, 4], beta: 1.0, "
-                "action: wilson}\nlattice: {shape: [4, 4, 4, 4]}\n"
-                "model: {kind: u1_equivariant, n_layers: 1, hidden: [4]}\n")
-    saved = sections + "train: {dtype: float32}\n"
+    # the checkpoint in the older `kind:` form; the job's config in today's
+    saved = ("theory: {name: u1_4d, kind: gauge, group: u1, dim: 4, default_shape: [4, 4, 4, 4], beta: 1.0, "
+             "action: wilson}\nlattice: {shape: [4, 4, 4, 4]}\n"
+             "model: {kind: u1_equivariant, n_layers: 1, hidden: [4]}\ntrain: {dtype: float32}\n")
+    sections = ("theory: {_target_: gaugeflow.theories.gauge_theory, name: u1_4d, group: u1, dim: 4, "
+                "default_shape: [4, 4, 4, 4], beta: 1.0, action: wilson}\nlattice: {shape: [4, 4, 4, 4]}\n"
+                "model: {_target_: gaugeflow.flows.models.u1_equivariant, n_layers: 1, hidden: [4]}\n")
     cfg = OmegaConf.merge(compose("sample"), OmegaConf.create(sections))
     theory = theory_from_config(cfg)
     torch.manual_seed(0)

@@ -109,6 +109,8 @@ def instantiate_node(node, key: str, **kwargs):
 #: keys of a theory preset the jobs read themselves (not passed to the builder)
 #: (``defaults`` too: a preset file read as plain YAML carries its defaults list)
 PRESET_KEYS = ("name", "dim", "default_shape", "default_batch_size", "default_flow_time", "hmc", "defaults")
+#: a preset's ``hmc`` defaults (conf/hmc.yaml reads them)
+HMC_KEYS = ("n_steps", "traj_length", "integrator", "start")
 
 
 def _plain(node) -> dict:
@@ -129,10 +131,14 @@ def upgrade_theory(spec: dict) -> dict:
         raise UsageError(f"theory.kind={kind!r} is not a theory (a checkpoint of an unknown gaugeflow?)")
     fn = locate(LEGACY_KINDS[kind], "theory")
     own = set(_parameters(fn)[0]) - {"shape"}
-    out = {"_target_": LEGACY_KINDS[kind]}
+    # the old schema's keys: those the builder takes (absent ones: its defaults), the jobs' own;
+    # anything else (another theory's null keys, a newer gaugeflow's) is dropped
+    out = {"_target_": LEGACY_KINDS[kind], **defaults_of(fn, given=("shape",))}
     for k, v in spec.items():
         if k in PRESET_KEYS or (k in own and v is not None):
             out[k] = v
+    if isinstance(out.get("hmc"), dict):
+        out["hmc"] = {k: v for k, v in out["hmc"].items() if k in HMC_KEYS}
     return out
 
 
@@ -197,7 +203,9 @@ def upgrade_model(spec: dict, theory=None) -> dict:
         raise UsageError(f"model.kind={kind!r} is not an architecture: choose one with model=<name>")
     fn = locate(LEGACY_KINDS[kind], "model")
     own = set(_parameters(fn)[0]) - set(MODEL_GIVEN)
-    return {"_target_": LEGACY_KINDS[kind], **{k: v for k, v in spec.items() if k in own}}
+    # the flat key set: this architecture's keys (absent ones: its defaults), the rest dropped
+    return {"_target_": LEGACY_KINDS[kind], **defaults_of(fn, given=MODEL_GIVEN),
+            **{k: v for k, v in spec.items() if k in own and v is not None}}
 
 
 def _listify(v):

@@ -220,6 +220,11 @@ def upgrade_saved(saved: DictConfig, where: str = "checkpoint") -> DictConfig:
             saved.model = OmegaConf.create(upgrade_model(OmegaConf.to_container(saved.model, resolve=True), group))
     except UsageError as err:
         raise UsageError(f"{where}: {err}") from None
+    except OmegaConfBaseException as err:
+        raise UsageError(f"{where}: unreadable config in the checkpoint ({_first_line(err)})") from None
+    for sec in ("theory", "model"):
+        if isinstance(saved.get(sec), DictConfig) and "_target_" not in saved[sec]:
+            raise UsageError(f"{where}: the checkpoint's {sec} names no _target_ (the callable that builds it)")
     return saved
 
 
