@@ -55,6 +55,49 @@ def phi4_in_field(shape, m2: float, lam: float, h: float = 0.0):
                   {"m2": float(m2), "lam": float(lam), "h": float(h)})
 '''
 
+CHAIN = '''
+"""A user's chain over flow proposals: Barker's acceptance min -> w'/(w + w'), also exact."""
+
+import math
+
+import torch
+
+
+class BarkerChain:
+    def __init__(self, generator=None):
+        self.generator, self.n_seen, self.n_accepted = generator, 0, 0
+        self.current, self.current_log_w = -1, -math.inf
+
+    def step(self, log_w):
+        lw = log_w.detach().double().cpu().tolist()
+        u = torch.rand(len(lw), generator=self.generator, dtype=torch.float64).tolist()
+        accepted, current = [], []
+        for i, (w, r) in enumerate(zip(lw, u)):
+            # accept with probability w' / (w + w') = sigmoid(log w' - log w)
+            take = self.current < 0 or r < 1.0 / (1.0 + math.exp(min(700.0, self.current_log_w - w)))
+            if take:
+                self.current, self.current_log_w = self.n_seen + i, w
+            accepted.append(take)
+            current.append(self.current)
+        self.n_seen += len(lw)
+        self.n_accepted += sum(accepted)
+        return torch.tensor(accepted), torch.tensor(current, dtype=torch.int64)
+
+    @property
+    def acceptance(self):
+        return self.n_accepted / self.n_seen
+'''
+
+SAMPLE_YAML = """\
+# a user's sampler: gaugeflow sample sample=barker
+defaults:
+  - imh
+  - _self_
+method: barker
+sampler:
+  _target_: mychain.BarkerChain
+"""
+
 MODEL_YAML = """\
 # a user's architecture: gaugeflow train model=shallow
 _target_: myflows.shallow_affine
@@ -84,7 +127,10 @@ def user(tmp_path_factory):
     root = tmp_path_factory.mktemp("user")
     (root / "myflows.py").write_text(textwrap.dedent(FLOWS))
     (root / "mytheory.py").write_text(textwrap.dedent(THEORY))
-    (root / "conf" / "model").mkdir(parents=True)
+    (root / "mychain.py").write_text(textwrap.dedent(CHAIN))
+    (root / "conf" / "sample").mkdir(parents=True)
+    (root / "conf" / "sample" / "barker.yaml").write_text(SAMPLE_YAML)
+    (root / "conf" / "model").mkdir()
     (root / "conf" / "theory").mkdir()
     (root / "conf" / "model" / "shallow.yaml").write_text(MODEL_YAML)
     (root / "conf" / "theory" / "phi4_field.yaml").write_text(THEORY_YAML)
@@ -157,6 +203,27 @@ def test_a_users_theory_trains_samples_and_analyzes(user):
     s = phi4_theory([4, 4], m2=-1.0, lam=1.0).action(phi_t).numpy() - 0.25 * phi.reshape(64, -1).sum(1)
     np.testing.assert_allclose(log_p, -s, rtol=1e-12, atol=1e-12)
     gaugeflow(user, "analyze", "ensemble=theory.h5", f"hydra.run.dir={user / 'analyze_theory'}")
+
+
+def test_a_users_sampler_runs_the_chain(user):
+    run = user / "run_model"
+    if not run.exists():
+        gaugeflow(user, "train", "theory=phi4_2d", "model=shallow", "lattice.shape=[4,4]", *TRAIN, search(user),
+                  f"hydra.run.dir={run}")
+    r = gaugeflow(user, "sample", "sample=barker", f"checkpoint={run}", "sample.n=64", "out=barker.h5",
+                  "allow_targets=[myflows]", search(user), f"hydra.run.dir={user / 'sample_barker'}")
+    assert "barker chain steps" in r.stdout
+    with h5py.File(user / "barker.h5") as f:
+        assert f.attrs["sampler"] == "barker"
+        accepted, proposal = f["accepted"][...], f["proposal"][...]
+        phi = f["phi"][...]
+    # a rejected step repeats the previous configuration; an accepted one is its own proposal
+    assert accepted[0] and 0 < accepted.mean() < 1
+    for i in range(1, 64):
+        if not accepted[i]:
+            assert np.array_equal(phi[i], phi[i - 1]) and proposal[i] == proposal[i - 1]
+        else:
+            assert proposal[i] == i
 
 
 def test_a_misspelt_plugin_key_fails_at_start_naming_it(user):

@@ -187,12 +187,13 @@ def _volume(attrs: dict[str, Any]) -> int:
 
 
 def _proposals(attrs: dict[str, Any]) -> dict[str, Any]:
-    """ESS and Pareto k-hat of the proposals of an IMH chain, where its sampler recorded them.
+    """ESS and Pareto k-hat of the proposals of a flow chain (IMH or a plug-in chain), where its
+    sampler recorded them.
 
     The chain is exact whatever the flow, but a heavy tail of the proposals' weights (k-hat > 0.7)
     makes it stick for long stretches on rare states, and its Gamma-method errors understate the
     truth for the same reason a reweighted estimate's do."""
-    if str(attrs.get("sampler", "")) != "imh" or "ess" not in attrs:
+    if str(attrs.get("sampler", "")) in REWEIGHT_SAMPLERS or "ess" not in attrs or "n_proposals" not in attrs:
         return {}
     from gaugeflow.sampling.weights import weights_warning
 

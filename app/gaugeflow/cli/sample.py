@@ -44,17 +44,22 @@ from gaugeflow.distributed.init import DistConf
 from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleWriter, parse_compression
 from gaugeflow.io.provenance import provenance
-from gaugeflow.sampling.imh import IndependenceMetropolis, block_entries, gather_chain
+from gaugeflow.components import instantiate_node
+from gaugeflow.sampling.imh import block_entries, gather_chain
 from gaugeflow.sampling.statistics import gamma_method
 from gaugeflow.sampling.summary import summarize, topology
 from gaugeflow.sampling.weights import log_z_estimate, weight_diagnostics
 
-METHODS = ("imh", "reweight")
+#: the chain ``sample.method=imh`` runs when ``sample.sampler`` is not given
+IMH = {"_target_": "gaugeflow.sampling.imh.IndependenceMetropolis"}
 
 
 @dataclass
 class SampleConf:
-    method: str = "imh"  # imh | reweight
+    method: str = "imh"  # imh | reweight | a plug-in chain's name: the `sampler` attribute of the file
+    # the chain over the proposals' log weights, built by _target_ with a CPU generator
+    # (docs/extending.md); null with method=reweight: independent draws kept with their weights
+    sampler: Any = None
     n: int = 4096
     batch_size: int = 256
     dtype: str = "float64"  # the model's precision while sampling (float32: complex64 links, half the file)
@@ -115,7 +120,10 @@ def _run_sample(cfg: DictConfig, sigterm) -> dict:
     clock = _job_clock()
     s = cfg.sample
     require(bool(cfg.checkpoint), "checkpoint=<checkpoint file or run directory> is required")
-    require(s.method in METHODS, f"sample.method must be imh or reweight, got {s.method!r}")
+    builtin = s.get("sampler") is None or OmegaConf.select(s, "sampler._target_") == IMH["_target_"]
+    require(s.method in ("imh", "reweight") or not builtin,
+            f"sample.method must be imh or reweight, got {s.method!r} (a plug-in chain: sample.sampler._target_ "
+            "and its own name)")
     require(s.n >= 1, f"sample.n must be >= 1, got {s.n}")
     require(s.batch_size >= 1, f"sample.batch_size must be >= 1, got {s.batch_size}")
     dtype = resolve_dtype(str(s.dtype), "sample.dtype")
@@ -180,8 +188,10 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
     exact = reference_values(theory)
 
     gen = torch.Generator(device=device).manual_seed(par.seed(int(cfg.seed)))
-    chain = IndependenceMetropolis(torch.Generator().manual_seed(_imh_seed(int(cfg.seed)))) \
-        if s.method == "imh" else None
+    chain = None
+    if s.method != "reweight":
+        node = s.get("sampler") if s.get("sampler") is not None else IMH
+        chain = instantiate_node(node, "sample.sampler", generator=torch.Generator().manual_seed(_imh_seed(int(cfg.seed))))
     target = target_record(cfg, ck)
     attrs = theory.attributes()
     attrs.update(
@@ -650,7 +660,7 @@ def write_summary(summary: dict, name: str = "summary.json") -> pathlib.Path:
 
 def _report(theory, method, summary, names, ck, seconds, reason, out, flow_time: float = 0.0) -> None:
     params = ", ".join(f"{k}={v}" for k, v in theory.params.items() if k not in ("c0",))
-    what = "IMH steps" if method == "imh" else "independent draws (reweighted)"
+    what = {"imh": "IMH steps", "reweight": "independent draws (reweighted)"}.get(method, f"{method} chain steps")
     head = [f"sample {theory.name} ({params}) shape={list(theory.lattice.shape)}: {summary['n']} {what} from "
             f"{ck.path} (step {ck.step}) in {seconds:.1f} s, model in {summary['model_dtype']}"
             + ("" if reason == "completed" else f" (stopped by {reason})")]
