@@ -7,12 +7,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
+import gaugeflow.cli.train  # noqa: F401  (registers the train job's config schema)
 from gaugeflow.cli.common import CONFIG_DIR, UsageError
-from gaugeflow.cli.train import _accumulated_step
 from gaugeflow.components import instantiate_node
-from gaugeflow.flows.models import build_flow_model
-from gaugeflow.theories import build_theory
+from gaugeflow.flows import models
+from helpers import theory_flow
+from gaugeflow.components import build_theory
 from gaugeflow.train import losses, schedules
+from gaugeflow.train.trainer import accumulated_step
 
 
 def composed(*overrides):
@@ -64,7 +66,7 @@ def test_bad_components_are_one_line_usage_errors():
     with pytest.raises(UsageError, match=r"optim._target_='torch.optim.Nope' cannot be imported"):
         instantiate_node(composed("optim._target_=torch.optim.Nope").optim, "optim", params=params(), lr=1.0)
     with pytest.raises(UsageError, match=r"optim.momentum is not a key of optim=adam \(torch.optim.Adam\)"):
-        instantiate_node(composed("optim.momentum=0.5").optim, "optim", params=params(), lr=1.0)
+        instantiate_node(composed("+optim.momentum=0.5").optim, "optim", params=params(), lr=1.0)
 
 
 def test_misspelt_keys_fail_at_composition():
@@ -141,12 +143,12 @@ def test_gradient_accumulation_equals_the_full_batch(name, kind):
     cfg = dict(name=name, kind=kind, group="u1", dim=2, beta=1.5, m2=-4.0, lam=8.0)
     theory = build_theory(cfg, [4, 4])
     torch.manual_seed(0)
-    model = build_flow_model(theory, n_layers=4 if kind == "gauge" else 2, hidden=(8,), dtype=torch.float64)
+    model = theory_flow(theory, n_layers=4 if kind == "gauge" else 2, hidden=(8,), dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     grads = {}
     for micro in (12, 4, 3):
         gen = torch.Generator().manual_seed(7)
-        out, norm = _accumulated_step(model, opt, losses.ReverseKL(), theory.action, 12, micro, gen, None)
+        out, norm = accumulated_step(model, opt, losses.ReverseKL(), theory.action, 12, micro, gen, None)
         grads[micro] = (torch.cat([p.grad.flatten() for p in model.parameters()]), out.loss, norm)
     g, loss, norm = grads[12]
     assert norm > 0
@@ -160,9 +162,9 @@ def test_gradient_accumulation_equals_the_full_batch(name, kind):
 def test_forward_kl_fits_a_known_gaussian():
     """Forward KL from exact samples of a Gaussian target learns its width: the affine flow
     with a zero-initialised coupling can represent N(0, s^2) exactly."""
-    theory = build_theory(dict(name="phi4_2d", kind="phi4", dim=2, m2=1.0, lam=0.0), [2, 2])
+    theory = build_theory(dict(name="phi4_2d", _target_="gaugeflow.theories.phi4_theory", dim=2, m2=1.0, lam=0.0), [2, 2])
     torch.manual_seed(1)
-    model = build_flow_model(theory, kind="affine", n_layers=2, hidden=(4,), zero_init=True, dtype=torch.float64)
+    model = models.affine(theory, n_layers=2, hidden=(4,), zero_init=True, dtype=torch.float64)
     n = 4096
     loss = losses.ForwardKL.from_tensor(
         0.5 * torch.randn(n, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
@@ -170,7 +172,7 @@ def test_forward_kl_fits_a_known_gaussian():
     gen = torch.Generator().manual_seed(3)
     first = None
     for _ in range(150):
-        out, _ = _accumulated_step(model, opt, loss, None, 256, 256, gen, None)
+        out, _ = accumulated_step(model, opt, loss, None, 256, 256, gen, None)
         opt.step()
         first = first if first is not None else out.loss.item()
     # exact E_p[-log q] at q = p: the entropy of 4 independent N(0, 1/4) = 4 * (0.5 log(2 pi e / 4))
@@ -310,20 +312,20 @@ def test_a_time_plan_stopped_early_continues_with_the_lr_it_gives():
 
 
 def test_the_theory_chooses_the_default_batch_and_context_nets():
-    from gaugeflow.flows.models import build_flow_model
-    from gaugeflow.theories import build_theory
+    from helpers import theory_flow
+    from gaugeflow.components import build_theory
 
     # u1_2d trains with Kanwar et al.'s [8, 8] nets and batch 256 (the 10-minute beta=2 target);
     # other theories keep [32, 32] and 64; the command line and model=small win over both
     u1 = composed()
-    assert u1.train.batch_size == 256 and u1.model.hidden is None
+    assert u1.train.batch_size == 256 and list(u1.model.hidden) == [8, 8]
     su3 = composed("theory=su3_2d")
-    assert su3.train.batch_size == 64 and su3.model.hidden is None
-    widths = {name: [m.out_channels for m in build_flow_model(build_theory(cfg, shape)).flow.layers[0].net.modules()
+    assert su3.train.batch_size == 64 and list(su3.model.hidden) == [32, 32]
+    widths = {name: [m.out_channels for m in theory_flow(build_theory(cfg, shape)).flow.layers[0].net.modules()
                      if hasattr(m, "out_channels")][:-1] for name, cfg, shape in [
-        ("u1", dict(name="u1_2d", kind="gauge", group="u1", dim=2, beta=1.0), [4, 4]),
-        ("su3", dict(name="su3_2d", kind="gauge", group="su3", dim=2, beta=1.0), [4, 4])]}
+        ("u1", dict(name="u1_2d", _target_="gaugeflow.theories.gauge_theory", group="u1", dim=2, beta=1.0), [4, 4]),
+        ("su3", dict(name="su3_2d", _target_="gaugeflow.theories.gauge_theory", group="su3", dim=2, beta=1.0), [4, 4])]}
     assert widths == {"u1": [8, 8], "su3": [32, 32]}
     mine = composed("train.batch_size=32", "model.hidden=[4]")
     assert mine.train.batch_size == 32 and list(mine.model.hidden) == [4]
-    assert list(composed("model=small").model.hidden) == [16, 16]
+    assert list(composed("model_size=small").model.hidden) == [16, 16]

@@ -128,9 +128,9 @@ def test_sampling_on_two_ranks(tmp_path):
     with h5py.File(tmp_path / "e.h5") as f:
         lq, lp = f["log_q"][()], f["log_p"][()]
         # the written log p is the action of the written configurations (rank 1's draws included)
-        from gaugeflow.theories import build_theory
+        from gaugeflow.components import build_theory
 
-        th = build_theory(dict(name="u1_2d", kind="gauge", group="u1", dim=2, beta=float(f.attrs["beta"])), [4, 4])
+        th = build_theory(dict(name="u1_2d", _target_="gaugeflow.theories.gauge_theory", group="u1", dim=2, beta=float(f.attrs["beta"])), [4, 4])
         import torch
 
         assert np.allclose(-th.action(torch.as_tensor(f["links"][()])).numpy(), lp, atol=1e-9)

@@ -135,7 +135,7 @@ def test_init_from_starts_a_new_run_from_trained_weights(tmp_path):
                  cwd=tmp_path))
     src = load_checkpoint(tmp_path / "run")
     arch = OmegaConf.create(src.config).model  # the architecture is recorded resolved
-    assert arch.kind == "u1_equivariant" and list(arch.hidden) == [8, 8] and arch.n_layers == 16
+    assert arch._target_ == "gaugeflow.flows.models.u1_equivariant" and list(arch.hidden) == [8, 8] and arch.n_layers == 16
     # a larger lattice at a nearby coupling; an lr so small that the weights stay the loaded ones
     # (the model comes from the checkpoint: no model keys on this command line)
     rest = [a for a in SMALL if not a.startswith("model")]
@@ -192,16 +192,16 @@ def test_peak_memory_is_mib_on_linux_and_macos(monkeypatch):
 
     import torch
 
-    from gaugeflow.cli import train
+    from gaugeflow.train import trainer
 
     class Usage:
         ru_maxrss = 300 * 2**20  # bytes on macOS, KiB on Linux
 
     monkeypatch.setattr(resource, "getrusage", lambda who: Usage)
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert train._peak_mb(torch.device("cpu")) == 300
+    assert trainer.peak_memory_mb(torch.device("cpu")) == 300
     monkeypatch.setattr(sys, "platform", "linux")
-    assert train._peak_mb(torch.device("cpu")) == 300 * 1024
+    assert trainer.peak_memory_mb(torch.device("cpu")) == 300 * 1024
 
 
 @pytest.mark.parametrize("n", [3, pytest.param(12, marks=pytest.mark.slow)])  # 12: an Aurora node, ~1 min

@@ -13,35 +13,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import time
 
 import torch
 
-from gaugeflow.flows.models import build_flow_model
+from gaugeflow.flows import models
 from gaugeflow.sampling.weights import effective_sample_size, log_z_estimate
-from gaugeflow.theories import build_theory
-from gaugeflow.train.losses import path_gradient, reverse_kl
+from gaugeflow.theories import gauge_theory, phi4_theory
+from gaugeflow.train.losses import PathGradient, ReverseKL
+from gaugeflow.train.schedules import Constant, Cosine
+from gaugeflow.train.trainer import Trainer, TrainSettings
 
-PRESETS = {
-    "u1_2d": dict(name="u1_2d", kind="gauge", group="u1", dim=2),
-    "su2_2d": dict(name="su2_2d", kind="gauge", group="su2", dim=2),
-    "su3_2d": dict(name="su3_2d", kind="gauge", group="su3", dim=2),
-    "su3_4d": dict(name="su3_4d", kind="gauge", group="su3", dim=4),
-    "phi4_2d": dict(name="phi4_2d", kind="phi4", m2=-4.0, lam=8.0),
-}
+#: theory presets (conf/theory) this benchmark knows: (group, dimension); phi^4 at the preset's couplings
+PRESETS = {"u1_2d": ("u1", 2), "su2_2d": ("su2", 2), "su3_2d": ("su3", 2), "su3_4d": ("su3", 4), "phi4_2d": (None, 2)}
 
 
 def make(args):
-    cfg = dict(PRESETS[args.theory])
-    if cfg["kind"] == "gauge":
-        cfg["beta"] = args.beta
-    theory = build_theory(cfg, args.shape)
+    group, _ = PRESETS[args.theory]
+    theory = phi4_theory(args.shape, m2=-4.0, lam=8.0) if group is None else gauge_theory(args.shape, group, args.beta)
+    theory.name = args.theory
     dtype = torch.float64 if args.float64 else torch.float32
-    model = build_flow_model(theory, n_layers=args.layers, hidden=None if args.hidden is None else tuple(args.hidden), kernel_size=args.kernel,
-                             n_bins=args.bins, transform=args.transform, n_mix=args.n_mix,
-                             rectangles=not args.no_rectangles, dtype=dtype)
+    keys = dict(kernel_size=args.kernel)
+    if args.layers is not None:
+        keys["n_layers"] = args.layers
+    if args.hidden is not None:
+        keys["hidden"] = tuple(args.hidden)
+    # each theory's own architecture, as its preset names it (conf/theory/*.yaml)
+    if group is None:
+        model = models.affine(theory, dtype, **keys)
+    elif group == "u1":
+        model = models.u1_equivariant(theory, dtype, n_bins=args.bins, transform=args.transform, n_mix=args.n_mix,
+                                      rectangles=not args.no_rectangles, **keys)
+    else:
+        model = models.sun_spectral(theory, dtype, n_bins=args.bins, **keys)
     return theory, model
 
 
@@ -60,27 +65,31 @@ def quality(args):
     theory, model = make(args)
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    loss_fn = path_gradient if args.loss == "path_gradient" else reverse_kl
-    t0, step, curve = time.monotonic(), 0, []
+    loss_fn = PathGradient() if args.loss == "path_gradient" else ReverseKL()
+    # --cosine: decay over the wall-clock budget (the trainer plans it for the steps that fit, from
+    # the measured time per step): the budget, not a step count, is fixed
+    sched = Cosine(opt, args.steps, horizon="time") if args.cosine else Constant(opt, args.steps)
+    settings = TrainSettings(steps=args.steps, batch_size=args.batch, max_time=args.max_time,
+                             stop_after=args.eval_every, log_every=args.eval_every, eval_samples=0, seed=args.seed)
+    trainer = Trainer(theory, model, loss_fn, opt, sched, settings, generator=gen)
+    t0, curve = time.monotonic(), []
     train_time = 0.0
-    while step < args.steps and train_time < args.max_time:
-        if args.cosine:
-            # cosine decay over the wall-clock budget: the budget, not a step count, is fixed
-            frac = min(1.0, train_time / args.max_time)
-            for group in opt.param_groups:
-                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * frac))
-        ts = time.monotonic()
-        out = loss_fn(model, theory.action, args.batch, gen)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        train_time += time.monotonic() - ts
-        step += 1
-        if step % args.eval_every == 0:
+    # one trainer call per evaluation interval, each given what is left of the budget: the
+    # budget counts training only (evaluation excluded)
+    while trainer.step < args.steps and train_time < args.max_time:
+        before = trainer.step
+        trainer.settings.max_time = args.max_time - train_time
+        run = trainer.run()
+        train_time += run["seconds"]
+        step = trainer.step
+        if step > before and step % args.eval_every == 0:
             ess, (lz, lz_err) = evaluate(model, theory, args.eval_n, args.batch, gen)
-            row = dict(step=step, train_seconds=round(train_time, 1), loss=out.loss.item(), ess=ess, log_z=lz, log_z_err=lz_err)
+            row = dict(step=step, train_seconds=round(train_time, 1), loss=trainer.history.loss[-1], ess=ess, log_z=lz, log_z_err=lz_err)
             curve.append(row)
             print(json.dumps(row), flush=True)
+        if run["stop_reason"] != "train.stop_after":
+            break
+    step = trainer.step
     ess, (lz, lz_err) = evaluate(model, theory, args.final_n, args.batch, gen)
     summary = dict(theory=args.theory, beta=args.beta, shape=args.shape, layers=args.layers, hidden=args.hidden,
                    batch=args.batch, lr=args.lr, loss=args.loss, cosine=args.cosine, steps=step, train_seconds=round(train_time, 1),
@@ -98,15 +107,12 @@ def step_timing(args):
     theory, model = make(args)
     gen = torch.Generator().manual_seed(args.seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    times = []
-    for i in range(args.warmup + args.repeats):
-        ts = time.perf_counter()
-        out = reverse_kl(model, theory.action, args.batch, gen)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - ts)
+    settings = TrainSettings(steps=args.warmup + args.repeats, batch_size=args.batch, log_every=1, eval_samples=0,
+                             seed=args.seed)
+    trainer = Trainer(theory, model, ReverseKL(), opt, settings=settings, generator=gen)
+    trainer.run()
+    # the trainer's own time of each step (sampling, backward, optimizer and schedule; not its logging)
+    times = [row["seconds_per_step"] for row in trainer.history.rows[args.warmup:]]
     times.sort()
     med = times[len(times) // 2]
     bare = bare_nets_seconds(model, args)
