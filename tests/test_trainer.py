@@ -161,3 +161,43 @@ def test_the_documented_example_runs(capsys):
     exec(compile(code, f"{DOCS}:Training from Python", "exec"), {"__name__": "docs_example"})
     out = capsys.readouterr().out
     assert "log Z" in out
+
+
+def test_a_step_plan_resumed_with_more_train_steps_is_not_left_at_its_floor():
+    """Resuming with a larger train.steps: a finished plan starts a new cycle (SGDR), a plan still
+    running is stretched from the progress reached (its lr does not jump)."""
+    from gaugeflow.train.schedules import Cosine
+
+    def run(total, steps, state=None):
+        w = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([w], lr=1.0)
+        sched = Cosine(opt, total)
+        if state is not None:  # as the trainer resumes: optimizer and schedule from the checkpoint
+            opt.load_state_dict(state[1])
+            sched.load_state_dict(state[0])
+        sched.resolve(budget=False, resumed=state is not None)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        sched.opt_state = opt.state_dict()
+        return sched, lrs
+
+    def saved(sched):
+        return sched.state_dict(), sched.opt_state
+
+    done, lrs = run(3, 3)
+    assert lrs[-1] > 0 and done.state_dict()["total"] == 3
+    again, more = run(6, 3, saved(done))
+    assert again.restarted and again.restart_reason == "steps" and more[0] == 1.0 and more == lrs
+    half, first = run(6, 2)
+    longer, rest = run(10, 8, saved(half))
+    assert longer.replanned == (6, 10) and not longer.restarted
+    # continuous at the join, monotone down to the new end
+    uninterrupted = run(6, 3)[1]
+    assert rest[0] == pytest.approx(uninterrupted[2], rel=1e-12)
+    assert all(a > b for a, b in zip(rest, rest[1:])) and rest[-1] > 0
+    # the same train.steps: the uninterrupted schedule, step for step
+    same, tail = run(6, 4, saved(half))
+    assert same.replanned is None and tail == pytest.approx(run(6, 6)[1][2:], rel=1e-12)

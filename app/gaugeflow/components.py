@@ -90,6 +90,25 @@ def spec_of(node, key: str) -> tuple[str, dict[str, Any]]:
     return target, {k: v for k, v in spec.items() if v is not None and k not in DESCRIPTIVE}
 
 
+def resolved_spec(node, key: str, given: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A component node in full, as checkpoints record it: ``_target_``, ``name`` and, for
+    gaugeflow's own callables, every key with its default filled in. Another package's callable
+    (a torch optimizer) keeps the keys as configured: its defaults belong to its version."""
+    spec = _plain(node)
+    target, keys = spec_of(spec, key)
+    out: dict[str, Any] = {"_target_": target}
+    if spec.get("name") is not None:
+        out["name"] = spec["name"]
+    if target.startswith("gaugeflow."):
+        fn = locate(target, key)
+        check_keys(fn, keys, key, given=given)
+        out.update(defaults_of(fn, given=given))
+        out.update(keys)
+    else:
+        out.update({k: v for k, v in spec.items() if k not in DESCRIPTIVE})
+    return {k: _listify(v) for k, v in out.items()}
+
+
 def instantiate_node(node, key: str, **kwargs):
     """Build the object a config group describes (``_target_`` + keys; null keys and ``name``
     dropped); ``kwargs`` are what the job passes itself. Keys are checked first; errors in the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gaugeflow.components import build_model, build_theory, resolved_model_spec, upgrade_theory
+from gaugeflow.components import build_model, build_theory, resolved_model_spec, resolved_spec, upgrade_theory
 from gaugeflow.errors import UsageError
 
 
@@ -37,6 +37,18 @@ def resolve_model_config(cfg: DictConfig, theory) -> None:
     with open_dict(cfg):
         cfg.model = OmegaConf.create(spec)
         cfg.theory = OmegaConf.create(upgrade_theory(OmegaConf.to_container(cfg.theory, resolve=True)))
+
+
+#: what the job passes itself to each training component (not config keys)
+TRAINING_COMPONENTS = {"loss": (), "optim": ("params", "lr"), "sched": ("optimizer", "total_steps")}
+
+
+def resolve_training_config(cfg: DictConfig) -> None:
+    """Write the loss, optimizer and schedule nodes in full into ``cfg`` (see
+    :func:`gaugeflow.components.resolved_spec`), so a checkpoint's config rebuilds them alone."""
+    with open_dict(cfg):
+        for key, given in TRAINING_COMPONENTS.items():
+            cfg[key] = OmegaConf.create(resolved_spec(cfg[key], key, given))
 
 
 def parallel_from_config(cfg: DictConfig):

@@ -19,6 +19,7 @@ from gaugeflow.cli.build import (
     model_from_config,
     parallel_from_config,
     resolve_model_config,
+    resolve_training_config,
     theory_from_config,
 )
 from gaugeflow.cli.common import (
@@ -123,6 +124,7 @@ def _train(cfg: DictConfig, ck, par: Parallel, max_time: float | None, dtype: to
         torch.manual_seed(int(cfg.seed))
         theory = theory_from_config(cfg, par.local_shape)
         resolve_model_config(cfg, theory)  # checkpoints record the architecture in full
+        resolve_training_config(cfg)  # ... and the loss, optimizer and schedule
         model = model_from_config(cfg, theory, dtype, device)
         extra = {}
         if init is not None:

@@ -64,6 +64,8 @@ class Schedule:
         self.ended = False  # a train.max_time stop ended the time plan
         self.restarts = 0
         self.restarted = False  # this invocation started a new cycle (see resolve)
+        self.replanned = None  # (old end, new end) when a resumed step plan was re-planned for train.steps
+        self.restart_reason = None  # why this invocation restarted: "time" (plan ended) or "steps" (raised)
         self._saved: dict = {}
         self.lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, self._factor)
 
@@ -82,8 +84,14 @@ class Schedule:
             h = (saved or "steps") if resumed else ("time" if budget else "steps")
         if h == "time" and not budget and not resumed:
             raise ValueError("sched.horizon=time plans the schedule for train.max_time: give train.max_time")
-        self.restarted = False
+        self.restarted, self.replanned = False, None
         step = self.lambda_lr.last_epoch
+        steps_plan = resumed and (saved or "steps") == "steps" and h == "steps"
+        self.restart_reason = "time" if self.ended else None
+        if steps_plan and self.steps > self.total and step >= self.total:
+            # a step plan that ran to its end, resumed with a larger train.steps: without a new
+            # cycle the added steps would train at the floor lr
+            self.ended, self.restart_reason = True, "steps"
         if resumed and self.ended:
             # the plan ended with the previous invocation's budget: a warm restart
             self.cycle_start, self.anchor, self.anchor_p = step, step, 0.0
@@ -98,6 +106,11 @@ class Schedule:
             # is stretched over this invocation's budget (re-planned once steps are timed) or over
             # the remaining train.steps
             self.plan(self.total if budget else self.steps)
+        elif steps_plan and self.steps != self.total:
+            # train.steps changed inside the plan: the rest of the cycle is stretched (or squeezed)
+            # over the new train.steps, from the progress reached (the lr does not jump)
+            self.replanned = (self.total, self.steps)
+            self.plan(self.steps)
         self.resolved = "time" if (h == "time" and budget) else "steps"
         return self.resolved
 

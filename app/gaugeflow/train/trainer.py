@@ -239,9 +239,16 @@ class Trainer:
         self._restart_pending = bool(getattr(self.schedule, "restarted", False))
         if self._restart_pending and parallel.is_main:
             lr = optimizer.param_groups[0]["lr"]
-            print(f"resume: the run's time-planned schedule ended with its last train.max_time; a new cycle "
-                  f"starts at lr {lr:.3g} over " + ("this train.max_time" if self.settings.max_time is not None
-                                                    else f"the remaining {self.settings.steps - self.step} train.steps"))
+            why = ("time-planned schedule ended with its last train.max_time"
+                   if getattr(self.schedule, "restart_reason", "time") != "steps" else
+                   f"schedule ended at step {self.step}, below train.steps={self.settings.steps}")
+            print(f"resume: the run's {why}; a new cycle starts at lr {lr:.3g} over "
+                  + ("this train.max_time" if self.settings.max_time is not None
+                     else f"the remaining {self.settings.steps - self.step} train.steps"))
+        replanned = getattr(self.schedule, "replanned", None)
+        if replanned and parallel.is_main:
+            print(f"resume: the schedule planned for {replanned[0]} steps continues over train.steps={replanned[1]} "
+                  "from where it is (the lr does not jump)")
 
     # -- checkpoints ----------------------------------------------------------------------
     @property
