@@ -66,5 +66,48 @@ def phi4_theory(shape, m2: float | None = None, lam: float | None = None, form: 
     return Theory("phi4", "scalar", lattice, act, None, params)
 
 
+def wilson_nf2_theory(shape, group: str, beta: float, kappa: float, fermions: str = "exact",
+                      csw: float | None = None, boundary: str = "antiperiodic", nf: int = 2, action: str = "wilson",
+                      c1: float | None = None) -> Theory:
+    """Gauge theory with Nf = 2 degenerate Wilson(-clover) fermions (:mod:`gaugeflow.theories.fermionic`):
+    the Schwinger model (U(1), 2d) and 2-flavour QCD (SU(3), 4d). ``fermions``: ``exact`` (dense
+    determinant, small lattices) or ``pseudofermion``; ``csw``: clover coefficient (4d only);
+    ``boundary``: the fermions' time (last axis) boundary, ``antiperiodic`` or ``periodic``."""
+    from gaugeflow.fermions import BOUNDARIES, MAX_DENSE_UNKNOWNS, WilsonFermions
+    from gaugeflow.theories.fermionic import FERMIONS, Nf2ExactAction, PseudofermionAction, dense_unknowns
+
+    theory = gauge_theory(shape, group, beta, action, c1)
+    d = theory.lattice.ndim
+    kappa = _number(kappa, "kappa")
+    if not (math.isfinite(kappa) and kappa > 0):
+        raise ValueError(f"theory.kappa must be a positive finite number, got {kappa}")
+    csw = 0.0 if csw is None else _number(csw, "csw")
+    if csw != 0.0 and d != 4:
+        raise ValueError(f"theory.csw={csw}: the clover term is for 4d theories (this one is {d}d)")
+    if not math.isfinite(csw):
+        raise ValueError(f"theory.csw must be finite, got {csw}")
+    if int(nf) != 2:
+        raise ValueError(f"theory.nf={nf}: only Nf = 2 (det D^dagger D) is implemented; other Nf need RHMC")
+    if fermions not in FERMIONS:
+        raise ValueError(f"theory.fermions must be one of {list(FERMIONS)}, got {fermions!r}")
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"theory.boundary must be one of {list(BOUNDARIES)}, got {boundary!r}")
+    if d not in (2, 4):
+        raise ValueError(f"lattice.shape={list(theory.lattice.shape)}: Wilson fermions are built for d = 2 and 4")
+    wf = WilsonFermions(kappa, csw, boundary)
+    if fermions == "exact":
+        n = dense_unknowns(theory.lattice.global_shape, theory.group.N)
+        if n > MAX_DENSE_UNKNOWNS:
+            raise ValueError(f"lattice.shape={list(theory.lattice.global_shape)}: theory.fermions=exact needs a dense "
+                             f"{n}x{n} Dirac matrix per configuration, above {MAX_DENSE_UNKNOWNS}; use "
+                             "theory.fermions=pseudofermion")
+        act = Nf2ExactAction(theory.action, wf)
+    else:
+        act = PseudofermionAction(theory.action, wf)
+    theory.action = act
+    theory.params.update(kappa=kappa, nf=int(nf), fermions=str(fermions), csw=csw, boundary=str(boundary))
+    return theory
+
+
 #: the builders a checkpoint written before ``_target_`` names by ``theory.kind``
 LEGACY_KINDS = {"gauge": "gaugeflow.theories.gauge_theory", "phi4": "gaugeflow.theories.phi4_theory"}

@@ -1,0 +1,46 @@
+"""Fermion fields ``(batch, L_0, ..., L_{d-1}, spin, colour)``: shapes, inner products, noise.
+
+Inner products sum over every axis but the batch axis and complete the sum with
+:func:`gaugeflow.lattice.geometry.site_reduce`, so on a domain-decomposed lattice they are the
+whole lattice's, identical on every rank of a lattice group. They accept full fields and
+half-lattice (even/odd packed) fields ``(batch, V/2, spin, colour)`` alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gaugeflow.fermions.gamma import n_spin
+from gaugeflow.lattice.geometry import site_reduce
+
+__all__ = ["fermion_shape", "gaussian_fermion", "inner", "norm2"]
+
+
+def fermion_shape(links: torch.Tensor) -> tuple[int, ...]:
+    """Shape ``(batch, *L, spin, colour)`` of a fermion field on the lattice of ``links``."""
+    d, n = links.shape[1], links.shape[-1]
+    return (links.shape[0], *links.shape[2 : 2 + d], n_spin(d), n)
+
+
+def inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``<a, b> = sum_x a(x)^dagger b(x)`` per configuration (complex, ``(batch,)``)."""
+    return site_reduce((a.conj() * b).reshape(a.shape[0], -1).sum(1))
+
+
+def norm2(a: torch.Tensor) -> torch.Tensor:
+    """``|a|^2`` per configuration (real, ``(batch,)``)."""
+    return site_reduce(torch.view_as_real(a).square().reshape(a.shape[0], -1).sum(1))
+
+
+def gaussian_fermion(shape, generator: torch.Generator | None = None, dtype=torch.complex128, device=None):
+    """Complex Gaussian noise with density ``exp(-eta^dagger eta)`` (variance 1/2 per real component).
+
+    ``device`` defaults to the generator's device (never torch's default device).
+    """
+    if device is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+    real = dtype.to_real()
+    z = torch.randn((*shape, 2), generator=generator, dtype=real, device=device) / math.sqrt(2.0)
+    return torch.view_as_complex(z)
