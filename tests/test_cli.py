@@ -107,6 +107,8 @@ def test_sigterm_ends_cleanly(tmp_path):
         (["lattice.shape=[0,8]"], "lattice.shape"),
         (["lattice.shape=[8,8,8]"], "lattice.shape=[8, 8, 8] has 3 extents"),
         (["hmc.n_traj=-1"], "hmc.n_traj must be >= 0"),
+        (["hmc.chains=0"], "hmc.chains must be >= 1"),
+        (["hmc.measure_every=0"], "hmc.measure_every must be >= 1"),
         (["hmc.max_time=soon"], "hmc.max_time"),
         (["hmc.integrator=euler"], "hmc.integrator"),
         (["hmc.continue_from=missing.h5"], "missing.h5: no such ensemble file"),

@@ -17,6 +17,13 @@ For each workload (4d SU(3) 8^4, 2d U(1) 32^2 by default) this measures, in one 
   (also each applied chunk by chunk over the batch, as the action does); a complex product-sum,
   ``linalg.vecdot``, a real-view product-sum and ``einsum`` for the contraction.
 
+It also measures **many HMC chains at once** (``--chains``, default 64; ``gaugeflow hmc
+hmc.chains=C``): trajectories per second of one chain against trajectories per second *per chain*
+of a batch of 64 independent chains, U(1) on 8x8 with the ``u1_2d`` preset's integrator, both
+through the sampler (``HMC.trajectory`` with one generator per chain, timed round by round,
+interleaved) and through the job (``run_hmc``: measurements and file writing included; the
+file's ``seconds``).
+
 Every timing is the median (and min) of ``--repeats`` rounds after ``--warmup`` calls; the
 action, the force and all floor candidates are timed interleaved, round by round, so that
 load from other processes hits them alike. Nothing here is a test; no timing is asserted.
@@ -335,6 +342,100 @@ def bench_workload(name: str, dtype: torch.dtype, args, device: torch.device) ->
     return out
 
 
+# ----------------------------------------------------------------------------- many chains
+
+
+def _hmc_config(*overrides: str):
+    from gaugeflow.cli.common import CONFIG_DIR
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("hmc", overrides=["hmc.progress=false", *overrides])
+
+
+def bench_chains(args, device: torch.device) -> dict:
+    """Trajectories per second of 1 chain and per chain of ``args.chains`` chains (the ``u1_2d``
+    preset on ``args.chains_shape``), through the sampler (interleaved) and through the job."""
+    import contextlib
+    import io
+    import tempfile
+
+    import h5py
+    from gaugeflow.cli.build import theory_from_config
+    from gaugeflow.cli.hmc import run_hmc
+    from gaugeflow.sampling.hmc import HMC, chain_generators
+
+    shape = "[" + ",".join(map(str, args.chains_shape)) + "]"
+    dtype = DTYPES[args.dtype[0]]
+    precision = str(REAL[dtype]).replace("torch.", "")
+    common = ["theory=u1_2d", f"lattice.shape={shape}", f"hmc.precision={precision}", f"device={device}",
+              f"seed={args.seed}"]
+    cfg = _hmc_config(*common, "out=unused.h5")
+    h = cfg.hmc
+    theory = theory_from_config(cfg)
+    counts = (1, args.chains)
+    fns, state = {}, {}
+    for c in counts:
+        gens = chain_generators(args.seed, c, device)
+        hmc = HMC(theory, h.n_steps, h.traj_length, h.integrator, h.force, gens[0] if c == 1 else gens)
+        state[c] = torch.cat([theory.start(1, h.start, g, REAL[dtype]) for g in gens]).to(device)
+
+        def traj(c=c, hmc=hmc):
+            state[c] = hmc.trajectory(state[c]).fields
+
+        fns[f"{c} chain" + ("s" if c > 1 else "")] = traj
+    with torch.no_grad():
+        t = time_interleaved(fns, args.chains_rounds, args.warmup, device)
+    sampler = {}
+    for (name, v), c in zip(t.items(), counts):
+        sampler[str(c)] = {"chains": c, "s_per_batch_trajectory": v["median_s"], "min_s": v["min_s"],
+                           "trajectories_per_s_per_chain": c / v["median_s"], "n": v["n"]}
+    job: dict[str, dict] = {str(c): {"chains": c, "seconds": []} for c in counts}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.chains_job_repeats):
+            for c in counts:  # interleaved, like the sampler's rounds
+                out = os.path.join(tmp, f"c{c}_{r}.h5")
+                with contextlib.redirect_stdout(io.StringIO()):
+                    run_hmc(_hmc_config(*common, f"hmc.chains={c}", f"hmc.n_traj={args.chains_job_trajectories}",
+                                        "hmc.n_therm=0", f"out={out}"))
+                with h5py.File(out) as f:
+                    job[str(c)]["seconds"].append(float(f.attrs["seconds"]))
+    for v in job.values():
+        sec = statistics.median(v["seconds"])
+        v.update(n_traj=args.chains_job_trajectories, median_s=sec,
+                 trajectories_per_s_per_chain=v["chains"] * args.chains_job_trajectories / sec)
+    one, many = str(counts[0]), str(counts[1])
+    return {
+        "theory": "u1_2d",
+        "shape": list(args.chains_shape),
+        "beta": float(cfg.theory.beta),
+        "integrator": str(h.integrator),
+        "n_steps": int(h.n_steps),
+        "traj_length": float(h.traj_length),
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "sampler": sampler,
+        "job": job,
+        "speedup_sampler": sampler[many]["trajectories_per_s_per_chain"] / sampler[one]["trajectories_per_s_per_chain"],
+        "speedup_job": job[many]["trajectories_per_s_per_chain"] / job[one]["trajectories_per_s_per_chain"],
+    }
+
+
+def print_chains(r: dict, file=sys.stdout) -> None:
+    counts = list(r["sampler"])
+    shape = "x".join(map(str, r["shape"]))
+    print(f"\n## HMC chains  U(1) {shape}  beta {r['beta']}  {r['n_steps']} {r['integrator']} steps, "
+          f"tau = {r['traj_length']}  {r['dtype']}  {r['device']}  threads {r['threads']}", file=file)
+    print("  chains   sampler traj/s per chain   job traj/s per chain (measurements and file included)", file=file)
+    for c in counts:
+        s, j = r["sampler"][c], r["job"][c]
+        print(f"  {int(c):6d}   {s['trajectories_per_s_per_chain']:24.1f}   {j['trajectories_per_s_per_chain']:20.1f}",
+              file=file)
+    print(f"  {counts[-1]} chains / 1 chain: sampler x{r['speedup_sampler']:.1f}, job x{r['speedup_job']:.1f}",
+          file=file)
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -442,7 +543,12 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=6.0)
     p.add_argument("--hmc-steps", type=int, default=10, help="leapfrog steps per trajectory (default 10)")
     p.add_argument("--hmc-length", type=float, default=1.0, help="trajectory length (default 1.0)")
-    p.add_argument("--hmc-trajectories", type=int, default=3, help="timed trajectories; 0: no HMC")
+    p.add_argument("--hmc-trajectories", type=int, default=3, help="timed trajectories; 0: no HMC (and no chains)")
+    p.add_argument("--chains", type=int, default=64, help="chains of the many-chains figure against 1 (0: skip)")
+    p.add_argument("--chains-shape", type=int, nargs="+", default=[8, 8], help="U(1) lattice of that figure")
+    p.add_argument("--chains-rounds", type=int, default=50, help="timed sampler rounds of that figure")
+    p.add_argument("--chains-job-trajectories", type=int, default=200, help="trajectories per job run")
+    p.add_argument("--chains-job-repeats", type=int, default=3, help="job runs per chain count (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--malloc",
@@ -468,14 +574,17 @@ def main(argv=None) -> int:
     for name in args.workloads:
         for dt in args.dtype:
             results.append(bench_workload(name, DTYPES[dt], args, device))
+    chains = bench_chains(args, device) if args.chains > 1 and args.hmc_trajectories > 0 else None
     try:
         info["loadavg_1min_at_end"] = os.getloadavg()[0]
     except OSError:
         pass
     print_report(results, info)
+    if chains is not None:
+        print_chains(chains)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=2)
+            json.dump({"machine": info, "args": vars(args), "results": results, "chains": chains}, f, indent=2)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -1,7 +1,8 @@
 """``gaugeflow analyze``: estimates with errors and plots for an ensemble file and/or a training run.
 
 A Markov chain (HMC, a flow independence-Metropolis chain) is analysed with the Gamma
-method; independent flow draws (``log_q`` and ``log_p`` but no ``accepted``) are
+method, the chains of a file with a ``chain`` dataset as replicas, each cut by ``n_therm``, and
+NaN rows (configurations on which a quantity was not measured) skipped; independent flow draws (``log_q`` and ``log_p`` but no ``accepted``) are
 reweighted to the target with ``log w = log p - log q``. The run directory receives
 ``summary.json`` and ``plots/*.png``.
 
@@ -31,13 +32,13 @@ from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require
 from gaugeflow.cli.report import estimate_rows, ess_row, khat_row, log_z_row, table, warn
 from gaugeflow.cli.schema import TheoryConf
 from gaugeflow.exact import reference_values_from_attributes
-from gaugeflow.io.ensemble import EnsembleError, read_ensemble
-from gaugeflow.sampling.statistics import MIN_SAMPLES, Estimate
-from gaugeflow.sampling.summary import summarize, topology
+from gaugeflow.io.ensemble import CHAIN, TRAJECTORY, EnsembleError, read_ensemble
+from gaugeflow.sampling.statistics import MIN_SAMPLES, Estimate, gamma_method, replicas
+from gaugeflow.sampling.summary import TOPOLOGY, summarize, topology
 
 #: per-configuration datasets that are not observables: the densities, the IMH proposal index,
 #: and what is reported derived (acceptance, <exp(-dH)>)
-NOT_OBSERVABLES = ("log_q", "log_p", "accepted", "delta_h", "proposal")
+NOT_OBSERVABLES = ("log_q", "log_p", "accepted", "delta_h", "proposal", CHAIN, TRAJECTORY)
 #: action parameters shown in the report, in this order, where the file has them
 PARAMS = ("beta", "action", "c1", "form", "m2", "lam", "kappa", "lam_tilde")
 #: sampler attributes of independent flow draws (`gaugeflow sample sample.method=reweight`);
@@ -70,8 +71,9 @@ class EnsembleAnalysis:
     path: pathlib.Path
     attrs: dict[str, Any]
     n_cfg: int
-    n_therm: int
+    n_therm: int  # configurations dropped at the start of each chain
     method: str  # gamma_method | reweighted
+    #: per observable, the values analysed (chain after chain, NaN rows dropped for a chain)
     series: dict[str, np.ndarray]
     estimates: dict[str, Estimate]
     log_w: np.ndarray | None = None
@@ -79,6 +81,12 @@ class EnsembleAnalysis:
     exact: dict[str, float] = field(default_factory=dict)
     #: an IMH chain: ESS and k-hat of its proposals' weights, as the sampler recorded them
     proposals: dict[str, Any] = field(default_factory=dict)
+    #: independent chains of the file (its ``chain`` dataset; 1 without one), analysed as replicas
+    chains: int = 1
+    #: configurations analysed (all chains, after n_therm)
+    n_used: int = 0
+    #: a chain: per observable, one series per chain (the Gamma method's replicas)
+    replicas: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 @dataclass
@@ -138,8 +146,14 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
         raise UsageError(f"ensemble={path}: ensemble of theory {ens.theory!r}, not {want_theory!r}")
     if ens.n_cfg == 0:
         raise EnsembleError(f"{ens.path}: ensemble holds no configurations")
-    require(n_therm < ens.n_cfg, f"n_therm={n_therm} leaves none of the {ens.n_cfg} configurations of {path}")
-    cols = {k: v[n_therm:] for k, v in ens.columns.items() if v.dtype.kind in "biuf"}
+    n_cfg, n_chains, shortest = ens.n_cfg, ens.n_chains, min(ens.chain_lengths())
+    if n_chains == 1:
+        require(n_therm < n_cfg, f"n_therm={n_therm} leaves none of the {n_cfg} configurations of {path}")
+    else:
+        require(n_therm < shortest, f"n_therm={n_therm} (per chain) leaves none of the {shortest} configurations "
+                                    f"of the shortest of the {n_chains} chains of {path}")
+    ens = ens.drop_therm(n_therm)  # the first n_therm configurations of each chain
+    cols = {k: v for k, v in ens.columns.items() if v.dtype.kind in "biuf"}
     sampler = str(ens.attrs.get("sampler", ""))
     has_weights = "log_q" in cols and "log_p" in cols
     chain = "accepted" in cols or sampler not in ("", *REWEIGHT_SAMPLERS)
@@ -173,12 +187,25 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
         diag = weight_diagnostics(log_w)
         reweighting = {"ess": diag["ess"], "n_eff": diag["n_eff"], "khat": diag["khat"], "log_z": log_z,
                        "log_z_err": log_z_err, "warning": diag["warning"]}
-    estimates = summarize(series, log_w, s_tau)
-    if "topological_charge" in series:
-        estimates.update(topology(series["topological_charge"], _volume(ens.attrs), log_w, s_tau))
-    return EnsembleAnalysis(ens.path, ens.attrs, ens.n_cfg, n_therm, "gamma_method" if chain else "reweighted",
+    reps: dict[str, list[np.ndarray]] = {}
+    if chain:
+        # the chains as replicas, NaN rows (not measured there) skipped: the Gamma method runs on
+        # each chain's measured subsequence, so tau_int is in units of measured configurations
+        reps = {k: replicas(v, ens.chain) for k, v in series.items()}
+        series = {k: np.concatenate(r) for k, r in reps.items()}
+        estimates = summarize(reps, None, s_tau)
+        if "topological_charge" in reps:
+            q2 = gamma_method([np.square(r) for r in reps["topological_charge"]], s_tau)
+            vol = _volume(ens.attrs)
+            estimates[TOPOLOGY[0]] = q2
+            estimates[TOPOLOGY[1]] = Estimate(q2.mean / vol, q2.err / vol, q2.tau_int, q2.tau_int_err, q2.replicas)
+    else:
+        estimates = summarize(series, log_w, s_tau)
+        if "topological_charge" in series:
+            estimates.update(topology(series["topological_charge"], _volume(ens.attrs), log_w, s_tau))
+    return EnsembleAnalysis(ens.path, ens.attrs, n_cfg, n_therm, "gamma_method" if chain else "reweighted",
                             series, estimates, log_w, reweighting, reference_values_from_attributes(ens.attrs),
-                            _proposals(ens.attrs) if chain else {})
+                            _proposals(ens.attrs) if chain else {}, n_chains, ens.n_cfg, reps)
 
 
 def _volume(attrs: dict[str, Any]) -> int:
@@ -204,13 +231,16 @@ def _proposals(attrs: dict[str, Any]) -> dict[str, Any]:
     return {"ess": ess, "n_eff": n_eff, "khat": khat, "n_proposals": n, "warning": weights_warning(khat, n_eff)}
 
 
-def _autocorrelation(x: np.ndarray, s_tau: float):
-    """rho(t), its error, the Gamma-method window and tau_int of a series (None when undefined)."""
-    if x.size < MIN_SAMPLES or not np.all(np.isfinite(x)) or np.ptp(x) == 0.0:
+def _autocorrelation(x: np.ndarray | list[np.ndarray], s_tau: float):
+    """rho(t), its error, the Gamma-method window and tau_int of a series or of the replicas of
+    several chains (their averaged autocorrelation function); None when undefined."""
+    reps = list(x) if isinstance(x, list) else [x]
+    flat = np.concatenate(reps)
+    if min(r.size for r in reps) < MIN_SAMPLES or not np.all(np.isfinite(flat)) or np.ptp(flat) == 0.0:
         return None
     import pyerrors as pe
 
-    obs = pe.Obs([x], ["mc"])
+    obs = pe.Obs(reps, ["mc"] if len(reps) == 1 else [f"mc|r{c}" for c in range(len(reps))])
     obs.gamma_method(S=s_tau)
     return obs.e_rho["mc"], obs.e_drho["mc"], int(obs.e_windowsize["mc"]), float(obs.e_tauint["mc"])
 
@@ -275,7 +305,7 @@ def _summary(ens: EnsembleAnalysis | None, training: TrainingRun | None, s_tau: 
         meta.update(ensemble=str(ens.path.resolve()), theory=str(ens.attrs.get("theory")),
                     shape=[int(s) for s in np.atleast_1d(ens.attrs.get("shape", []))],
                     sampler=str(ens.attrs.get("sampler", "")), method=ens.method, n_cfg=ens.n_cfg,
-                    n_therm=ens.n_therm, n_used=ens.n_cfg - ens.n_therm)
+                    n_therm=ens.n_therm, n_used=ens.n_used, chains=ens.chains)
         if ens.reweighting:
             out["_reweighting"] = dict(ens.reweighting)
         if ens.proposals:
@@ -322,13 +352,15 @@ def _plot_ensemble(ens: EnsembleAnalysis, plot_dir: pathlib.Path, s_tau: float, 
         weights = np.exp(ens.log_w - ens.log_w.max())
         written.append(plots.histogram(ens.log_w, plot_dir / "log_w_histogram.png", "log w = log p - log q"))
     for name, x in ens.series.items():
+        if x.size == 0:
+            continue  # never measured
         est = ens.estimates[name]
         written.append(plots.history(x, plot_dir / f"{name}_history.png", name, est.mean, est.err,
                                      offset=ens.n_therm, exact=ens.exact.get(name)))
         written.append(plots.histogram(x, plot_dir / f"{name}_histogram.png", name, weights,
                                        exact=ens.exact.get(name)))
         # of the draws themselves: for a chain its autocorrelation, for independent draws a check
-        acf = _autocorrelation(x, s_tau)
+        acf = _autocorrelation(ens.replicas.get(name, x), s_tau)
         if acf is not None:
             rho, drho, window, tau = acf
             written.append(plots.autocorrelation(rho, plot_dir / f"{name}_autocorrelation.png", name, drho,
@@ -359,8 +391,11 @@ def _report(ens, training, summary_path, written, s_tau) -> None:
         a = ens.attrs
         params = ", ".join(f"{k}={a[k]}" for k in PARAMS if k in a)
         method = f"Gamma method (S={s_tau:g})" if ens.method == "gamma_method" else "reweighted independent draws"
-        lines.append(f"analyze {ens.path}: {a.get('theory')} ({params}) shape={_shape(a)}, "
-                     f"{ens.n_cfg - ens.n_therm} configurations after n_therm={ens.n_therm}, {method}")
+        used = (f"{ens.n_used} configurations after n_therm={ens.n_therm}" if ens.chains == 1 else
+                f"{ens.n_used} configurations of {ens.chains} chains after n_therm={ens.n_therm} per chain")
+        if ens.chains > 1 and ens.method == "gamma_method":
+            method += ", chains as replicas"
+        lines.append(f"analyze {ens.path}: {a.get('theory')} ({params}) shape={_shape(a)}, {used}, {method}")
         # the rows the job that wrote the file printed: same names, same exact values, same column width
         flow_time = a.get("flow_time")
         rows = estimate_rows(ens.estimates, ens.exact, ndim=len(_shape(a)),

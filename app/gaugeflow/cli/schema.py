@@ -38,7 +38,9 @@ class HMCConf:
     integrator: str = "omelyan"  # leapfrog | omelyan
     force: str = "analytic"  # analytic | autograd
     start: str = "hot"  # hot | cold
+    chains: int = 1  # independent chains advanced as one batch
     save_every: int = 1
+    measure_every: int = 1  # expensive measurements on every k-th stored configuration (NaN rows between)
     max_time: Optional[str] = None  # seconds or HH:MM:SS
     continue_from: Optional[str] = None  # ensemble file whose last configuration starts the chain
     flow_time: float = 0.0  # Wilson-flow time before measuring the 4d topological charge

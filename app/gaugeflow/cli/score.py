@@ -40,7 +40,7 @@ from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
 from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.io.provenance import provenance
-from gaugeflow.sampling.statistics import gamma_method
+from gaugeflow.sampling.statistics import gamma_method, replicas
 from gaugeflow.sampling.summary import reweighted
 from gaugeflow.sampling.weights import KHAT_MAX, MIN_EFFECTIVE, forward_effective_sample_size, pareto_khat, \
     weight_diagnostics
@@ -103,7 +103,8 @@ def run_score(cfg: DictConfig) -> dict:
 
     diff = log_p - log_q
     stored_w = _stored_weights(ens)
-    est = gamma_method(diff) if stored_w is None else reweighted(diff, stored_w)
+    # a file of several chains (`chain` dataset): the chains are the Gamma method's replicas
+    est = gamma_method(replicas(diff, ens.chain, skip_nan=False)) if stored_w is None else reweighted(diff, stored_w)
     exact = reference_values(theory)
     summary = {"log_p_minus_log_q": {"mean": est.mean, "err": est.err, "tau_int": est.tau_int},
                "n": n, "weighted": stored_w is not None, "model_dtype": str(dtype).removeprefix("torch.")}

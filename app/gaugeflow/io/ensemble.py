@@ -9,11 +9,20 @@ Layout (a contract):
 * file attributes: ``theory`` (preset name), ``group``, ``beta`` and the other action
   parameters, ``shape`` (integer array), ``config`` (resolved YAML), ``gaugeflow_version``,
   ``git_sha``, ``created``, ``seed``; strings are UTF-8 ``str``;
+* several independent chains in one file: a per-configuration integer dataset ``chain``
+  (row ``i`` belongs to chain ``chain[i]``; rows of one chain in Monte Carlo order, however
+  the chains are interleaved or concatenated), and optionally ``trajectory`` (the chain's
+  trajectory that produced the row). A file without ``chain`` is one chain. Readers that
+  estimate errors treat the chains as replicas (:meth:`Ensemble.replicas`) and cut
+  thermalisation per chain (:meth:`Ensemble.drop_therm`);
+* a NaN in a per-configuration measurement: not measured on that configuration (e.g.
+  ``hmc.measure_every``); readers skip NaN rows when they estimate;
 * optionally a group ``chain_state`` (a Markov chain's state after its last step, what a
   continuation starts from): dataset ``fields`` (the configurations after the last
-  trajectory, with the batch axis, whether or not they were written to the ensemble),
-  dataset ``rng_state`` (uint8, ``torch.Generator.get_state()``), and attributes
-  (``rng_device``, ``n_traj_chain``, ...).
+  trajectory, with the batch axis, one per chain, whether or not they were written to the
+  ensemble), dataset ``rng_state`` (uint8, ``torch.Generator.get_state()``; ``(n_chains,
+  state)`` when every chain has its own generator), and attributes (``rng_device``,
+  ``n_traj_chain``, ...).
 
 Chunking: the configuration dataset is stored in chunks of many configurations (about
 :data:`CHUNK_BYTES` each, never fewer than one configuration, and not more than the
@@ -42,6 +51,10 @@ import torch
 from gaugeflow.io.provenance import provenance
 
 FIELD_DATASETS = ("links", "phi")
+#: per-configuration dataset of chain ids (files of several chains)
+CHAIN = "chain"
+#: per-configuration dataset of the trajectory (of its chain, counted from 1) that produced the row
+TRAJECTORY = "trajectory"
 #: HDF5 group holding a chain's state after its last step (fields and random-number state)
 CHAIN_STATE = "chain_state"
 #: target size of one chunk of the configuration dataset (bytes, before compression)
@@ -259,6 +272,51 @@ class Ensemble:
     @property
     def theory(self) -> str:
         return str(self.attrs["theory"])
+
+    @property
+    def chain(self) -> np.ndarray | None:
+        """Chain id of every configuration (the ``chain`` dataset), or None for a file of one chain."""
+        return self.columns.get(CHAIN)
+
+    @property
+    def n_chains(self) -> int:
+        return 1 if self.chain is None else int(np.unique(self.chain).size)
+
+    def chain_lengths(self) -> list[int]:
+        """Configurations of each chain, in increasing order of chain id."""
+        if self.chain is None:
+            return [self.n_cfg]
+        return [int(n) for n in np.unique(self.chain, return_counts=True)[1]]
+
+    def replicas(self, name: str, skip_nan: bool = True) -> list[np.ndarray]:
+        """Per-chain series of column ``name`` (:func:`gaugeflow.sampling.statistics.replicas`):
+        one array per chain, NaN rows (not measured) dropped with ``skip_nan``."""
+        from gaugeflow.sampling.statistics import replicas
+
+        return replicas(self.columns[name], self.chain, skip_nan)
+
+    def drop_therm(self, n: int) -> "Ensemble":
+        """This ensemble without the first ``n`` configurations of each chain (thermalisation).
+
+        Rows keep their order; the configurations are cut too where they were loaded. A file
+        of one chain loses its first ``n`` rows.
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"n_therm must be >= 0, got {n}")
+        if n == 0:
+            return self
+        keep = np.zeros(self.n_cfg, dtype=bool)
+        if self.chain is None:
+            keep[n:] = True
+        else:
+            for c in np.unique(self.chain):
+                keep[np.flatnonzero(self.chain == c)[n:]] = True
+        fields = self.fields
+        if fields is not None and len(fields) == self.n_cfg:
+            fields = fields[keep]
+        return Ensemble(self.path, self.attrs, self.field_name, int(keep.sum()), fields,
+                        {k: v[keep] for k, v in self.columns.items()})
 
     def tensor(self) -> torch.Tensor:
         if self.fields is None:

@@ -10,6 +10,7 @@ Comput. Phys. Commun. 151 (2003) 272; Takaishi & de Forcrand hep-lat/0505020).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,28 @@ OMELYAN_LAMBDA = 0.1931833275037836
 INTEGRATORS = ("leapfrog", "omelyan")
 
 
+def chain_seed(seed: int, chain: int) -> int:
+    """Seed of chain ``chain`` of a run seeded with ``seed``.
+
+    Chain 0 uses ``seed`` itself, so a run of one chain is the single-chain run; chain
+    ``c > 0`` uses 63 bits of ``numpy.random.SeedSequence((seed, c))``, a hash that
+    separates the streams of different chains and seeds. A chain's seed depends on
+    ``(seed, c)`` only, not on how many chains run beside it.
+    """
+    if chain == 0:
+        return int(seed)
+    import numpy as np
+
+    hi, lo = np.random.SeedSequence([int(seed) % (1 << 64), int(chain)]).generate_state(2, np.uint32)
+    return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
+
+
+def chain_generators(seed: int, n_chains: int, device=None) -> list[torch.Generator]:
+    """One generator per chain, chain ``c`` seeded with :func:`chain_seed` ``(seed, c)``."""
+    kw = {} if device is None else {"device": device}
+    return [torch.Generator(**kw).manual_seed(chain_seed(seed, c)) for c in range(int(n_chains))]
+
+
 @dataclass
 class TrajectoryResult:
     fields: torch.Tensor
@@ -30,7 +53,15 @@ class TrajectoryResult:
 
 
 class HMC:
-    """HMC updates of a batch of independent chains of ``theory``."""
+    """HMC updates of a batch of independent chains of ``theory``.
+
+    Every configuration of the batch is its own chain: its own momenta, its own Metropolis
+    test (``accepted`` and ``delta_h`` per configuration), nothing shared but the lattice and
+    the action. ``generator``: one ``torch.Generator`` for the whole batch, or a sequence of
+    them, one per chain (the batch size must then equal its length): chain ``c`` draws its
+    momenta and its Metropolis uniform from ``generator[c]`` alone, in the order a batch of
+    one would, so its stream does not depend on how many chains run beside it.
+    """
 
     def __init__(
         self,
@@ -39,7 +70,7 @@ class HMC:
         traj_length: float,
         integrator: str = "leapfrog",
         force: str = "analytic",
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ):
         if n_steps < 1:
             raise ValueError(f"hmc.n_steps must be >= 1, got {n_steps}")
@@ -54,13 +85,29 @@ class HMC:
         self.eps = float(traj_length) / self.n_steps
         self.integrator = integrator
         self.force_method = force
+        if isinstance(generator, Sequence):
+            generator = list(generator)
+            if not generator:
+                raise ValueError("HMC needs at least one generator in a sequence of generators")
         self.generator = generator
+
+    def _draw(self, batch: int, fn: Callable[[int, torch.Generator | None], torch.Tensor]) -> torch.Tensor:
+        """``fn(batch, generator)`` from the one generator, or ``fn(1, generator[c])`` per chain, stacked."""
+        if not isinstance(self.generator, list):
+            return fn(batch, self.generator)
+        if len(self.generator) != batch:
+            raise ValueError(f"{len(self.generator)} generators for a batch of {batch} chains")
+        return torch.cat([fn(1, g) for g in self.generator])
 
     # -- field space --------------------------------------------------------
     def momenta(self, fields: torch.Tensor) -> torch.Tensor:
         if self.theory.is_gauge:
-            return self.theory.group.random_algebra(fields.shape[:-2], self.generator, fields.dtype, fields.device)
-        return torch.randn(fields.shape, generator=self.generator, dtype=fields.dtype, device=fields.device)
+            shape = fields.shape[1:-2]
+            return self._draw(fields.shape[0], lambda b, g: self.theory.group.random_algebra(
+                (b, *shape), g, fields.dtype, fields.device))
+        shape = fields.shape[1:]
+        return self._draw(fields.shape[0], lambda b, g: torch.randn(
+            (b, *shape), generator=g, dtype=fields.dtype, device=fields.device))
 
     def kinetic(self, p: torch.Tensor) -> torch.Tensor:
         if self.theory.is_gauge:
@@ -110,7 +157,7 @@ class HMC:
             new = self.theory.group.reunitarize(new)
         h1, s1 = self.hamiltonian(new, p1)
         dh = h1 - h0
-        u = torch.rand(dh.shape, generator=self.generator, dtype=dh.dtype, device=dh.device)
+        u = self._draw(dh.shape[0], lambda b, g: torch.rand((b,), generator=g, dtype=dh.dtype, device=dh.device))
         accept = u < torch.exp(-dh)
         shape = (-1,) + (1,) * (fields.dim() - 1)
         out = torch.where(accept.view(shape), new, fields)

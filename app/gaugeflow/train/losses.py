@@ -93,7 +93,9 @@ class PathGradient(Loss):
 class ForwardKL(Loss):
     """Forward KL from an ensemble file of the same theory and lattice (``loss.ensemble``).
 
-    The first ``n_therm`` configurations are dropped; the rest are held in memory.
+    The first ``n_therm`` configurations of each chain are dropped (a file of several HMC chains
+    has a ``chain`` dataset; :meth:`gaugeflow.io.ensemble.Ensemble.drop_therm`); the rest are held
+    in memory.
     """
 
     samples_from_model = False
@@ -131,7 +133,7 @@ class ForwardKL(Loss):
             # an ensemble at other couplings samples another distribution
             if isinstance(v, float) and k in ens.attrs and not np.isclose(float(ens.attrs[k]), v, rtol=1e-12):
                 raise ValueError(f"{where}: ensemble has {k}={float(ens.attrs[k])}, the theory {k}={v}")
-        x = ens.tensor()[self.n_therm:]
+        x = ens.drop_therm(self.n_therm).tensor()  # the first n_therm configurations of each chain
         if x.shape[0] == 0:
             raise ValueError(f"{where}: no configurations after loss.n_therm={self.n_therm}")
         self.data = x.to(device=device, dtype=theory.field_dtype(dtype))
