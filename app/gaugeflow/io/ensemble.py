@@ -6,6 +6,10 @@ Layout (a contract):
   scalar theories: dataset ``phi``, real, ``(n_cfg, L_0, ..., L_{d-1})``;
 * per-configuration datasets of shape ``(n_cfg,)`` where they apply: ``action`` (S),
   ``plaquette``, ``accepted``, ``log_q``, ``log_p`` (= -S), and any further measurement;
+  a measurement with several values per configuration (``pion_correlator``, ``(n_cfg, T)``) has
+  the configuration as its first axis. ``action`` is the action of the distribution the
+  configurations follow; a file whose sampler could not afford it (pseudofermion HMC without
+  its log-determinant) has no ``action`` and no ``log_p``, and readers must cope;
 * file attributes: ``theory`` (preset name), ``group``, ``beta`` and the other action
   parameters, ``shape`` (integer array), ``config`` (resolved YAML), ``gaugeflow_version``,
   ``git_sha``, ``created``, ``seed``; strings are UTF-8 ``str``;
@@ -157,6 +161,7 @@ class EnsembleWriter:
         )
         self.columns: dict[str, h5py.Dataset] = {}
         self._column_names: list[str] | None = None
+        self._row_shapes: dict[str, tuple[int, ...]] = {}
         self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self._pending_n = 0
         self.n = 0  # configurations appended (written or still buffered)
@@ -178,10 +183,22 @@ class EnsembleWriter:
             raise ValueError(f"configurations of shape {tuple(arr.shape[1:])}, the ensemble holds {self.field_shape}")
         cols = {}
         for name, val in columns.items():
-            cols[name] = np.asarray(val.detach().cpu().numpy() if torch.is_tensor(val) else val).reshape(b)
+            v = np.asarray(val.detach().cpu().numpy() if torch.is_tensor(val) else val)
+            if v.ndim >= 2:  # several values per configuration: the first axis is the configuration
+                if v.shape[0] != b:
+                    raise ValueError(f"column {name!r} has {v.shape[0]} rows for {b} configurations")
+                cols[name] = v
+            else:
+                cols[name] = v.reshape(b)
         if self._column_names is None:
             self._column_names = list(cols)
-        elif set(cols) != set(self._column_names):
+            self._row_shapes = {k: v.shape[1:] for k, v in cols.items()}
+        elif set(cols) != set(self._column_names) or any(
+                cols[k].shape[1:] != self._row_shapes.get(k, cols[k].shape[1:]) for k in cols):
+            bad = [k for k in cols if k in self._row_shapes and cols[k].shape[1:] != self._row_shapes[k]]
+            if bad:
+                raise ValueError(f"column {bad[0]!r} has rows of shape {cols[bad[0]].shape[1:]}, earlier "
+                                 f"{self._row_shapes[bad[0]]}")
             new = sorted(set(cols) - set(self._column_names))
             if new:
                 raise ValueError(f"column {new[0]!r} appeared after {self.n} configurations")
@@ -203,8 +220,11 @@ class EnsembleWriter:
         for name in self._column_names or []:
             v = np.concatenate([c[name] for _, c in self._pending])
             if name not in self.columns:
+                row = tuple(v.shape[1:])
+                rows = max(1, min(self.column_chunk, COLUMN_CHUNK // max(1, math.prod(row))))
                 self.columns[name] = self.file.create_dataset(
-                    name, shape=(0,), maxshape=(None,), dtype=v.dtype, chunks=(self.column_chunk,), **self._filters()
+                    name, shape=(0, *row), maxshape=(None, *row), dtype=v.dtype, chunks=(rows, *row),
+                    **self._filters()
                 )
             ds = self.columns[name]
             ds.resize(n0 + b, axis=0)
@@ -374,8 +394,9 @@ def read_ensemble(path: str | os.PathLike, load_fields: bool = True, last_only: 
             for key, obj in f.items():
                 if key == name or not isinstance(obj, h5py.Dataset):
                     continue
-                if obj.shape != (n,):
-                    raise EnsembleError(f"{path}: per-configuration dataset '{key}' has shape {obj.shape}, expected ({n},)")
+                if obj.shape[:1] != (n,):
+                    raise EnsembleError(f"{path}: per-configuration dataset '{key}' has shape {obj.shape}, expected ({n},)"
+                                        f" or ({n}, ...)")
                 columns[key] = obj[()]
     except EnsembleError:
         raise

@@ -6,12 +6,28 @@ momentum refresh is a unit Gaussian in the orthonormal coordinates of
 :mod:`gaugeflow.groups`. Integrators: leapfrog and the second-order minimum-norm
 (Omelyan) scheme with lambda = 0.1931833275037836 (Omelyan, Mryglod & Folk,
 Comput. Phys. Commun. 151 (2003) 272; Takaishi & de Forcrand hep-lat/0505020).
+
+Theories with dynamical fermions (:mod:`gaugeflow.theories.fermionic`) add two things:
+
+* **Pseudofermion refresh.** An action with ``refresh(fields, generators)`` gets its auxiliary
+  fields drawn at the start of every trajectory, after the momenta: chain ``c`` draws its momenta
+  and then its pseudofermion noise from its own generator (or the batch from the one generator).
+  A theory without ``refresh`` draws exactly what it drew before.
+* **Multiple time scales** (Sexton & Weingarten, Nucl. Phys. B380 (1992) 665). With
+  ``gauge_steps = m > 1`` and an action that has ``gauge_force`` and ``fermion_force``, the outer
+  scheme (leapfrog or Omelyan, ``n_steps`` steps of ``eps``) kicks with the fermion force only,
+  and each of its drifts (one per leapfrog step, two of ``eps/2`` per Omelyan step) becomes
+  ``m`` steps of the same scheme with the gauge force only. Kicks that meet at the same fields
+  (the end of one inner integration, the fermion kick, the start of the next) are applied as one
+  momentum update, each force evaluated once. ``m = 1`` is the one-scale integrator with the total
+  force (for leapfrog the nested scheme with ``m = 1`` is the same thing). Both are symmetric
+  compositions of symplectic maps: reversible, area preserving, O(eps^2) energy violation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,7 +65,10 @@ class TrajectoryResult:
     fields: torch.Tensor
     accepted: torch.Tensor  # bool, per configuration
     delta_h: torch.Tensor  # H(end) - H(start), per configuration
-    action: torch.Tensor  # S of the configurations kept
+    action: torch.Tensor  # S of the configurations kept (the Hamiltonian's: joint for pseudofermions)
+    #: for an action with ``gauge_action`` and ``fermion_action``: those parts of ``action`` for the
+    #: configurations kept (the fermion part with the pseudofermions of this trajectory); else empty
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class HMC:
@@ -71,6 +90,7 @@ class HMC:
         integrator: str = "leapfrog",
         force: str = "analytic",
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        gauge_steps: int = 1,
     ):
         if n_steps < 1:
             raise ValueError(f"hmc.n_steps must be >= 1, got {n_steps}")
@@ -80,7 +100,13 @@ class HMC:
             raise ValueError(f"hmc.integrator must be one of {list(INTEGRATORS)}, got {integrator!r}")
         if force not in ("analytic", "autograd"):
             raise ValueError(f"hmc.force must be 'analytic' or 'autograd', got {force!r}")
+        if int(gauge_steps) != gauge_steps or gauge_steps < 1:
+            raise ValueError(f"hmc.gauge_steps must be an integer >= 1, got {gauge_steps}")
+        if gauge_steps > 1 and not has_split_force(theory.action):
+            raise ValueError(f"hmc.gauge_steps={gauge_steps}: theory {theory.name} has no separate gauge and "
+                             "fermion forces (multiple time scales are for theories with dynamical fermions)")
         self.theory = theory
+        self.gauge_steps = int(gauge_steps)
         self.n_steps = int(n_steps)
         self.eps = float(traj_length) / self.n_steps
         self.integrator = integrator
@@ -122,9 +148,66 @@ class HMC:
     def kick(self, fields: torch.Tensor, p: torch.Tensor, dt: float) -> torch.Tensor:
         return p + dt * self.theory.force(fields, self.force_method)
 
+    def gauge_force(self, fields: torch.Tensor) -> torch.Tensor:
+        """The gauge part of the force (``hmc.force=autograd``: by autograd of ``gauge_action``)."""
+        act = self.theory.action
+        if self.force_method == "autograd":
+            from gaugeflow.theories.gauge import autograd_force
+
+            return autograd_force(act.gauge_action, fields, self.theory.group)
+        return act.gauge_force(fields)
+
+    def fermion_force(self, fields: torch.Tensor) -> torch.Tensor:
+        """The fermion part of the force (always the action's own: analytic)."""
+        return self.theory.action.fermion_force(fields)
+
     # -- integration -------------------------------------------------------
+    def schedule(self) -> list[tuple[str, float, float]]:
+        """The nested integrator as a list of operations: ``("drift", dt, 0)`` and
+        ``("kick", dt_gauge, dt_fermion)`` (``p += dt_gauge F_G + dt_fermion F_F`` at the current
+        fields), adjacent kicks merged. For ``gauge_steps = 1`` a kick's two coefficients are equal."""
+        eps, n, m = self.eps, self.n_steps, self.gauge_steps
+        lam = OMELYAN_LAMBDA
+        ops: list[list] = []
+
+        def kick(g: float, f: float) -> None:
+            if ops and ops[-1][0] == "kick":
+                ops[-1][1] += g
+                ops[-1][2] += f
+            else:
+                ops.append(["kick", g, f])
+
+        def inner(tau: float) -> None:
+            h = tau / m
+            for _ in range(m):
+                if self.integrator == "leapfrog":
+                    kick(0.5 * h, 0.0)
+                    ops.append(["drift", h, 0.0])
+                    kick(0.5 * h, 0.0)
+                else:
+                    kick(lam * h, 0.0)
+                    ops.append(["drift", 0.5 * h, 0.0])
+                    kick((1 - 2 * lam) * h, 0.0)
+                    ops.append(["drift", 0.5 * h, 0.0])
+                    kick(lam * h, 0.0)
+
+        for _ in range(n):
+            if self.integrator == "leapfrog":
+                kick(0.0, 0.5 * eps)
+                inner(eps)
+                kick(0.0, 0.5 * eps)
+            else:
+                kick(0.0, lam * eps)
+                inner(0.5 * eps)
+                kick(0.0, (1 - 2 * lam) * eps)
+                inner(0.5 * eps)
+                kick(0.0, lam * eps)
+        return [tuple(op) for op in ops]
+
     def integrate(self, fields: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Molecular-dynamics trajectory; reversible and area preserving."""
+        if self.gauge_steps > 1:
+            return self._integrate_nested(fields, p)
         eps, n = self.eps, self.n_steps
         if self.integrator == "leapfrog":
             p = self.kick(fields, p, 0.5 * eps)
@@ -142,23 +225,80 @@ class HMC:
             p = self.kick(fields, p, 2 * lam * eps if i < n - 1 else lam * eps)
         return fields, p
 
+    def _integrate_nested(self, fields: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for op, a, b in self.schedule():
+            if op == "drift":
+                fields = self.drift(fields, p, a)
+                continue
+            if a != 0.0:
+                p = p + a * self.gauge_force(fields)
+            if b != 0.0:
+                p = p + b * self.fermion_force(fields)
+        return fields, p
+
     def hamiltonian(self, fields: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.theory.action(fields)
+        s, _ = self._action(fields)
         return self.kinetic(p) + s, s
+
+    def _action(self, fields: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``S`` and, for a fermionic action, its parts (their sum is ``action(fields)``, bit for bit)."""
+        act = self.theory.action
+        if not has_parts(act):
+            return act(fields), {}
+        sg = act.gauge_action(fields)
+        sf = act.fermion_action(fields).to(sg.dtype)
+        return sg + sf, {"gauge_action": sg, "fermion_action": sf}
+
+    def refresh(self, fields: torch.Tensor) -> None:
+        """Draw the action's auxiliary fields (pseudofermions) for this trajectory, if it has any:
+        one generator per chain where the HMC has them, else the batch's one."""
+        act = self.theory.action
+        if hasattr(act, "refresh"):
+            if isinstance(self.generator, list) and len(self.generator) != fields.shape[0]:
+                raise ValueError(f"{len(self.generator)} generators for a batch of {fields.shape[0]} chains")
+            act.refresh(fields, self.generator)
 
     @torch.no_grad()
     def trajectory(self, fields: torch.Tensor) -> TrajectoryResult:
-        """One HMC trajectory with a Metropolis test for every configuration of the batch."""
+        """One HMC trajectory with a Metropolis test for every configuration of the batch.
+
+        Random numbers of each chain, in this order: momenta, the action's auxiliary fields
+        (pseudofermions, where it has ``refresh``), the Metropolis uniform."""
         p0 = self.momenta(fields)
-        h0, s0 = self.hamiltonian(fields, p0)
+        self.refresh(fields)
+        s0, parts0 = self._action(fields)
+        h0 = self.kinetic(p0) + s0
         new, p1 = self.integrate(fields, p0)
         if self.theory.is_gauge:
             # removes rounding drift off the group; O(1e-15), far below the dH resolution
             new = self.theory.group.reunitarize(new)
-        h1, s1 = self.hamiltonian(new, p1)
+        s1, parts1 = self._action(new)
+        h1 = self.kinetic(p1) + s1
         dh = h1 - h0
         u = self._draw(dh.shape[0], lambda b, g: torch.rand((b,), generator=g, dtype=dh.dtype, device=dh.device))
         accept = u < torch.exp(-dh)
         shape = (-1,) + (1,) * (fields.dim() - 1)
         out = torch.where(accept.view(shape), new, fields)
-        return TrajectoryResult(out, accept, dh, torch.where(accept, s1, s0))
+        parts = {k: torch.where(accept, parts1[k], parts0[k]) for k in parts1}
+        return TrajectoryResult(out, accept, dh, torch.where(accept, s1, s0), parts)
+
+
+def has_parts(action) -> bool:
+    """Whether ``action`` exposes the fermionic interface's two parts (``gauge_action``, ``fermion_action``)."""
+    return callable(getattr(action, "gauge_action", None)) and callable(getattr(action, "fermion_action", None))
+
+
+def has_split_force(action) -> bool:
+    """Whether ``action`` has separate ``gauge_force`` and ``fermion_force`` (multiple time scales)."""
+    return callable(getattr(action, "gauge_force", None)) and callable(getattr(action, "fermion_force", None))
+
+
+def marginal_action(theory: Theory, fields: torch.Tensor) -> torch.Tensor:
+    """The action of the distribution of the fields alone: ``theory.action(fields)``, except for an
+    action with auxiliary fields (pseudofermions: it has ``refresh``), whose links' marginal is
+    ``S_G - log det(D^dagger D)`` (``gauge_action - fermion_logdet``; dense: small lattices)."""
+    act = theory.action
+    if hasattr(act, "refresh") and hasattr(act, "fermion_logdet") and hasattr(act, "gauge_action"):
+        sg = act.gauge_action(fields)
+        return sg - act.fermion_logdet(fields).to(sg.dtype)
+    return act(fields)
