@@ -141,3 +141,31 @@ def curves(step, series: Mapping[str, Sequence[float]], path, title: str, ylabel
         ax.legend(loc="best", fontsize=8)
     ax.set_title(title)
     return _save(fig, path)
+
+
+def correlator(corr_mean, corr_err, meff_mean, meff_err, path, name: str = "pion") -> pathlib.Path:
+    """A time-slice correlator (log scale, with errors) and its effective mass, side by side.
+
+    ``corr_*``: the (folded) correlator at t = 0, 1, ...; ``meff_*``: the effective mass at
+    t = 0, 1, ... (NaN points, where it is undefined, left out)."""
+    plt = _pyplot()
+    c, dc = np.asarray(corr_mean, dtype=np.float64), np.asarray(corr_err, dtype=np.float64)
+    m, dm = np.asarray(meff_mean, dtype=np.float64), np.asarray(meff_err, dtype=np.float64)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(9, 3.5))
+    t = np.arange(c.size)
+    ok = np.isfinite(c) & (c > 0)
+    ax0.errorbar(t[ok], c[ok], yerr=np.where(np.isfinite(dc), dc, 0.0)[ok], fmt="o", ms=4, lw=0.8, color="C0")
+    if ok.any():
+        ax0.set_yscale("log")
+    ax0.set_xlabel("t")
+    ax0.set_ylabel("C(t)")
+    ax0.set_title(f"{name} correlator (folded)")
+    tm = np.arange(m.size)
+    ok = np.isfinite(m)
+    ax1.errorbar(tm[ok], m[ok], yerr=np.where(np.isfinite(dm), dm, 0.0)[ok], fmt="o", ms=4, lw=0.8, color="C3")
+    ax1.set_xlabel("t")
+    ax1.set_ylabel(r"$m_{\rm eff}(t)$")
+    ax1.set_title(f"{name} effective mass (cosh form)")
+    if tm.size:
+        ax1.set_xlim(-0.5, tm.size - 0.5)
+    return _save(fig, path)

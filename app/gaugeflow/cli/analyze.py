@@ -10,6 +10,15 @@ Reweighted draws also get the Kish ESS and the Pareto k-hat of their weights (PS
 al. 1507.02646), and a warning when the error bars understate the truth; an independence
 Metropolis chain gets those its sampler recorded for its proposals. A topological charge gives
 ``<Q^2>`` and ``chi_t = <Q^2> / V`` as well.
+
+Ensembles with dynamical fermions (``gaugeflow hmc theory=schwinger_2d``, ``qcd_4d_nf2``): the
+chiral condensate is an observable like the others; the pion correlator (a dataset
+``(n_cfg, T)``) is folded and gives the cosh effective mass per time slice
+(:mod:`gaugeflow.sampling.correlators`), printed after the table, written to summary.json
+(``pion_correlator``, ``pion_effective_mass``) and plotted (``plots/pion_correlator.png``); the
+CG cost the sampler recorded (``cg_iterations``, ``solve_seconds``) is printed per trajectory.
+A file without ``action`` (pseudofermion HMC without ``hmc.measure_logdet``) is analysed
+without it, with a note.
 """
 
 from __future__ import annotations
@@ -29,18 +38,24 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from gaugeflow.cli.common import CONFIG_DIR, UsageError, guarded, require
-from gaugeflow.cli.report import estimate_rows, ess_row, khat_row, log_z_row, table, warn
+from gaugeflow.cli.report import HIDDEN, Row, estimate_row, estimate_rows, ess_row, khat_row, log_z_row, table, warn
 from gaugeflow.cli.schema import TheoryConf
 from gaugeflow.exact import reference_values_from_attributes
 from gaugeflow.io.ensemble import CHAIN, TRAJECTORY, EnsembleError, read_ensemble
+from gaugeflow.sampling.correlators import as_lists, correlator_analysis
 from gaugeflow.sampling.statistics import MIN_SAMPLES, Estimate, gamma_method, replicas
 from gaugeflow.sampling.summary import TOPOLOGY, summarize, topology
 
 #: per-configuration datasets that are not observables: the densities, the IMH proposal index,
 #: and what is reported derived (acceptance, <exp(-dH)>)
 NOT_OBSERVABLES = ("log_q", "log_p", "accepted", "delta_h", "proposal", CHAIN, TRAJECTORY)
+#: estimates kept out of the printed tables of `hmc` and `analyze` (extensive, or the sampler's
+#: cost, printed on a line of its own); they are in summary.json and the files
+HIDDEN_ROWS = (*HIDDEN, "gauge_action", "pseudofermion_action", "fermion_logdet", "cg_iterations", "solve_seconds")
+#: per-configuration time-slice correlators (datasets ``(n_cfg, T)``) and their names in summaries
+CORRELATORS = {"pion_correlator": "pion"}
 #: action parameters shown in the report, in this order, where the file has them
-PARAMS = ("beta", "action", "c1", "form", "m2", "lam", "kappa", "lam_tilde")
+PARAMS = ("beta", "action", "c1", "form", "m2", "lam", "kappa", "lam_tilde", "csw", "fermions")
 #: sampler attributes of independent flow draws (`gaugeflow sample sample.method=reweight`);
 #: every other sampler is a Markov chain
 REWEIGHT_SAMPLERS = ("reweight", "flow_reweight")
@@ -87,6 +102,10 @@ class EnsembleAnalysis:
     n_used: int = 0
     #: a chain: per observable, one series per chain (the Gamma method's replicas)
     replicas: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    #: per correlator dataset: {"correlator": [Estimate per t], "effective_mass": [Estimate per t]}
+    correlators: dict[str, dict[str, list[Estimate]]] = field(default_factory=dict)
+    #: what the reader could not do and why (one line each, printed as notes)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -153,7 +172,11 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
         require(n_therm < shortest, f"n_therm={n_therm} (per chain) leaves none of the {shortest} configurations "
                                     f"of the shortest of the {n_chains} chains of {path}")
     ens = ens.drop_therm(n_therm)  # the first n_therm configurations of each chain
-    cols = {k: v for k, v in ens.columns.items() if v.dtype.kind in "biuf"}
+    cols = {k: v for k, v in ens.columns.items() if v.dtype.kind in "biuf" and v.ndim == 1}
+    notes = []
+    if "action" not in cols and "gauge_action" in cols:
+        notes.append(f"{ens.path} has no 'action' (pseudofermion HMC without its log-determinant; "
+                     "hmc.measure_logdet=true records it): the action is not analysed")
     sampler = str(ens.attrs.get("sampler", ""))
     has_weights = "log_q" in cols and "log_p" in cols
     chain = "accepted" in cols or sampler not in ("", *REWEIGHT_SAMPLERS)
@@ -203,9 +226,56 @@ def _analyze_ensemble(path: str, want_theory: str | None, n_therm: int, s_tau: f
         estimates = summarize(series, log_w, s_tau)
         if "topological_charge" in series:
             estimates.update(topology(series["topological_charge"], _volume(ens.attrs), log_w, s_tau))
+    correlators = {}
+    for key in CORRELATORS:
+        c = ens.columns.get(key)
+        if c is None or c.ndim != 2:
+            continue
+        if not chain:
+            notes.append(f"{key}: reweighted correlators are not analysed")
+            continue
+        correlators[key] = correlator_analysis(_row_replicas(c, ens.chain), s_tau)
     return EnsembleAnalysis(ens.path, ens.attrs, n_cfg, n_therm, "gamma_method" if chain else "reweighted",
                             series, estimates, log_w, reweighting, reference_values_from_attributes(ens.attrs),
-                            _proposals(ens.attrs) if chain else {}, n_chains, ens.n_cfg, reps)
+                            _proposals(ens.attrs) if chain else {}, n_chains, ens.n_cfg, reps, correlators, notes)
+
+
+def _row_replicas(values: np.ndarray, chain: np.ndarray | None) -> list[np.ndarray]:
+    """Per chain, the rows ``(n_c, T)`` of a 2-d per-configuration dataset, rows with a NaN (not
+    measured there) dropped."""
+    x = np.asarray(values, dtype=np.float64)
+    parts = [x] if chain is None else [x[chain == c] for c in np.unique(chain)]
+    parts = [p[~np.isnan(p).any(axis=1)] for p in parts]
+    return [p for p in parts if len(p)]
+
+
+def correlator_rows(correlators: dict[str, dict[str, list[Estimate]]]) -> list[Row]:
+    """Rows of the effective masses, in time order (``gaugeflow hmc`` and ``analyze`` print the same)."""
+    rows = []
+    for key, res in correlators.items():
+        name = CORRELATORS.get(key, key)
+        for t, est in enumerate(res["effective_mass"]):
+            row = estimate_row(f"{name} m_eff(t={t})", est)
+            rows.append(Row(row.label, row.text + ("   (cosh form, folded correlator)" if t == 0 else "")))
+    return rows
+
+
+def correlator_summary(correlators: dict[str, dict[str, list[Estimate]]]) -> dict[str, Any]:
+    """summary.json entries: ``<key>`` (the folded correlator) and ``<name>_effective_mass``, each
+    ``{"t": [...], "mean": [...], "err": [...], "tau_int": [...]}``."""
+    out = {}
+    for key, res in correlators.items():
+        out[key] = {**as_lists(res["correlator"]), "folded": True}
+        out[f"{CORRELATORS.get(key, key)}_effective_mass"] = {**as_lists(res["effective_mass"]), "form": "cosh"}
+    return out
+
+
+def solver_row(cg_iterations, solve_seconds, seconds: float | None = None) -> Row:
+    """``CG per trajectory   <iterations> iterations, <s> s solving (of <t> s)``."""
+    text = f"{float(np.mean(cg_iterations)):.1f} iterations, {float(np.mean(solve_seconds)):.3g} s solving"
+    if seconds is not None:
+        text += f" (of {seconds:.3g} s)"
+    return Row("CG per trajectory", text)
 
 
 def _volume(attrs: dict[str, Any]) -> int:
@@ -302,6 +372,7 @@ def _summary(ens: EnsembleAnalysis | None, training: TrainingRun | None, s_tau: 
     if ens is not None:
         for name, est in ens.estimates.items():
             out[name] = {"mean": est.mean, "err": est.err, "tau_int": est.tau_int}
+        out.update(correlator_summary(ens.correlators))
         meta.update(ensemble=str(ens.path.resolve()), theory=str(ens.attrs.get("theory")),
                     shape=[int(s) for s in np.atleast_1d(ens.attrs.get("shape", []))],
                     sampler=str(ens.attrs.get("sampler", "")), method=ens.method, n_cfg=ens.n_cfg,
@@ -365,6 +436,12 @@ def _plot_ensemble(ens: EnsembleAnalysis, plot_dir: pathlib.Path, s_tau: float, 
             rho, drho, window, tau = acf
             written.append(plots.autocorrelation(rho, plot_dir / f"{name}_autocorrelation.png", name, drho,
                                                  window, tau))
+    for key, res in ens.correlators.items():
+        if not res["correlator"]:
+            continue
+        c, m = as_lists(res["correlator"]), as_lists(res["effective_mass"])
+        written.append(plots.correlator(c["mean"], c["err"], m["mean"], m["err"], plot_dir / f"{key}.png",
+                                        CORRELATORS.get(key, key)))
 
 
 def plot_training(training: TrainingRun, plot_dir: pathlib.Path, written: list) -> None:
@@ -399,7 +476,10 @@ def _report(ens, training, summary_path, written, s_tau) -> None:
         # the rows the job that wrote the file printed: same names, same exact values, same column width
         flow_time = a.get("flow_time")
         rows = estimate_rows(ens.estimates, ens.exact, ndim=len(_shape(a)),
-                             flow_time=None if flow_time is None else float(flow_time))
+                             flow_time=None if flow_time is None else float(flow_time), hide=HIDDEN_ROWS)
+        rows += correlator_rows(ens.correlators)
+        if "cg_iterations" in ens.series and ens.series["cg_iterations"].size:
+            rows.append(solver_row(ens.series["cg_iterations"], ens.series["solve_seconds"]))
         if ens.reweighting:
             r = ens.reweighting
             rows += [ess_row(r["ess"], r["n_eff"], ens.log_w.size), khat_row(r["khat"]),
@@ -420,6 +500,8 @@ def _report(ens, training, summary_path, written, s_tau) -> None:
     sys.stdout.flush()
     for message in warnings:
         warn(message, "analyze")
+    for message in ([] if ens is None else ens.notes):
+        print(f"note: analyze: {message}", file=sys.stderr)
 
 
 def _shape(attrs) -> list[int]:

@@ -1,4 +1,5 @@
-"""Dynamical fermions: Wilson(-clover) Dirac operators, even/odd preconditioning, CG, determinants, forces.
+"""Dynamical fermions: Wilson(-clover) Dirac operators, even/odd preconditioning, CG, determinants, forces,
+pseudofermion monomials (even/odd, Hasenbusch, mixed precision).
 
 Fields ``(batch, L_0, ..., L_{d-1}, spin, colour)`` complex (colour 1 for U(1)); d = 2 or 4.
 Conventions in docs/conventions.md ("Fermions"), the API in docs/fermions.md.
@@ -27,6 +28,15 @@ from gaugeflow.fermions.gamma import (
     n_spin,
     sigma_munu,
 )
+from gaugeflow.fermions.monomials import (
+    FermionMatrix,
+    HasenbuschRatioMonomial,
+    Monomial,
+    SiteLogDetMonomial,
+    SolverOptions,
+    TwoFlavourMonomial,
+    build_monomials,
+)
 from gaugeflow.fermions.solvers import SolveResult, SolverNotConverged, cg, cg_mixed
 from gaugeflow.fermions.wilson import (
     BOUNDARIES,
@@ -43,13 +53,20 @@ __all__ = [
     "BOUNDARIES",
     "MAX_DENSE_UNKNOWNS",
     "EvenOdd",
+    "FermionMatrix",
+    "HasenbuschRatioMonomial",
+    "Monomial",
+    "SiteLogDetMonomial",
     "SolveResult",
     "SolverNotConverged",
+    "SolverOptions",
     "SpinMonomial",
+    "TwoFlavourMonomial",
     "WilsonDirac",
     "WilsonFermions",
     "autograd_link_force",
     "boundary_links",
+    "build_monomials",
     "cg",
     "cg_mixed",
     "colour_mul",

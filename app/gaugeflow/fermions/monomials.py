@@ -54,6 +54,7 @@ inside a domain context, except the dense checks).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -62,7 +63,11 @@ import torch
 
 from gaugeflow.fermions.evenodd import ODD, EvenOdd
 from gaugeflow.fermions.fields import gaussian_fermion, inner
-from gaugeflow.fermions.force import _clover_derivative, autograd_link_force, hopping_derivative
+from gaugeflow.fermions.force import (
+    _clover_derivative,
+    autograd_link_force,
+    hopping_derivative,
+)
 from gaugeflow.fermions.gamma import sigma_munu
 from gaugeflow.fermions.solvers import SolveResult, cg, cg_mixed
 from gaugeflow.fermions.wilson import WilsonFermions
@@ -390,7 +395,7 @@ def check_hasenbusch(kappa: float, hasenbusch, key: str = "theory.hasenbusch") -
             raise ValueError(f"{key} must be a list of numbers, got {list(hasenbusch)!r}") from None
     if not all(math.isfinite(k) and k > 0 for k in out):
         raise ValueError(f"{key}={out}: every Hasenbusch kappa must be a positive finite number")
-    if any(b <= a for a, b in zip(out, out[1:])):
+    if any(b <= a for a, b in itertools.pairwise(out)):
         raise ValueError(f"{key}={out}: the Hasenbusch kappas must increase (heaviest first, kappa_1 < ... < kappa_n)")
     if out and out[-1] >= kappa:
         raise ValueError(f"{key}={out}: every Hasenbusch kappa must be below theory.kappa={kappa} (a heavier "
@@ -406,7 +411,7 @@ def build_monomials(fermions: WilsonFermions, even_odd: bool = False, hasenbusch
     kappas = [*check_hasenbusch(fermions.kappa, hasenbusch), fermions.kappa]
     levels = [WilsonFermions(k, fermions.csw, fermions.boundary) for k in kappas[:-1]] + [fermions]
     out: list[Monomial] = [TwoFlavourMonomial(levels[0], even_odd, solver)]
-    out += [HasenbuschRatioMonomial(h, l, even_odd, solver) for h, l in zip(levels, levels[1:])]
+    out += [HasenbuschRatioMonomial(h, l, even_odd, solver) for h, l in itertools.pairwise(levels)]
     if even_odd and fermions.csw != 0.0:
         out.append(SiteLogDetMonomial(fermions, ODD))
     return out

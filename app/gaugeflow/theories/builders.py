@@ -68,13 +68,26 @@ def phi4_theory(shape, m2: float | None = None, lam: float | None = None, form: 
 
 def wilson_nf2_theory(shape, group: str, beta: float, kappa: float, fermions: str = "exact",
                       csw: float | None = None, boundary: str = "antiperiodic", nf: int = 2, action: str = "wilson",
-                      c1: float | None = None) -> Theory:
+                      c1: float | None = None, even_odd: bool = False, hasenbusch=None,
+                      mixed_precision: bool = False) -> Theory:
     """Gauge theory with Nf = 2 degenerate Wilson(-clover) fermions (:mod:`gaugeflow.theories.fermionic`):
     the Schwinger model (U(1), 2d) and 2-flavour QCD (SU(3), 4d). ``fermions``: ``exact`` (dense
     determinant, small lattices) or ``pseudofermion``; ``csw``: clover coefficient (4d only);
-    ``boundary``: the fermions' time (last axis) boundary, ``antiperiodic`` or ``periodic``."""
+    ``boundary``: the fermions' time (last axis) boundary, ``antiperiodic`` or ``periodic``.
+
+    Pseudofermion variants (:mod:`gaugeflow.fermions.monomials`; ``fermions=pseudofermion`` only):
+    ``even_odd`` (pseudofermions on the even sites, even extents), ``hasenbusch`` (mass
+    preconditioning kappas ``kappa_1 < ... < kappa_n < kappa``, one pseudofermion per factor) and
+    ``mixed_precision`` (complex64 inner CG, float64 residuals). They change the algorithm, not the
+    distribution of the links, and are not recorded in ``Theory.params``."""
     from gaugeflow.fermions import BOUNDARIES, MAX_DENSE_UNKNOWNS, WilsonFermions
-    from gaugeflow.theories.fermionic import FERMIONS, Nf2ExactAction, PseudofermionAction, dense_unknowns
+    from gaugeflow.fermions.monomials import check_hasenbusch
+    from gaugeflow.theories.fermionic import (
+        FERMIONS,
+        Nf2ExactAction,
+        PseudofermionAction,
+        dense_unknowns,
+    )
 
     theory = gauge_theory(shape, group, beta, action, c1)
     d = theory.lattice.ndim
@@ -94,6 +107,21 @@ def wilson_nf2_theory(shape, group: str, beta: float, kappa: float, fermions: st
         raise ValueError(f"theory.boundary must be one of {list(BOUNDARIES)}, got {boundary!r}")
     if d not in (2, 4):
         raise ValueError(f"lattice.shape={list(theory.lattice.shape)}: Wilson fermions are built for d = 2 and 4")
+    for key, flag in (("even_odd", even_odd), ("mixed_precision", mixed_precision)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"theory.{key} must be true or false, got {flag!r}")  # noqa: TRY004 (a config value)
+    hasenbusch = check_hasenbusch(kappa, [] if hasenbusch is None else hasenbusch, "theory.hasenbusch")
+    if fermions != "pseudofermion":
+        given = [k for k, v in (("even_odd", even_odd), ("hasenbusch", hasenbusch),
+                                ("mixed_precision", mixed_precision)) if v]
+        if given:
+            raise ValueError(f"theory.{given[0]} is a pseudofermion option: it needs theory.fermions=pseudofermion "
+                             f"(this is theory.fermions={fermions})")
+    if even_odd:
+        odd = [(mu, n) for mu, n in enumerate(theory.lattice.global_shape) if n % 2]
+        if odd:
+            raise ValueError(f"theory.even_odd=true needs even extents: lattice.shape={list(theory.lattice.global_shape)} "
+                             f"has the odd extent {odd[0][1]} in direction {odd[0][0]}")
     wf = WilsonFermions(kappa, csw, boundary)
     if fermions == "exact":
         n = dense_unknowns(theory.lattice.global_shape, theory.group.N)
@@ -103,7 +131,8 @@ def wilson_nf2_theory(shape, group: str, beta: float, kappa: float, fermions: st
                              "theory.fermions=pseudofermion")
         act = Nf2ExactAction(theory.action, wf)
     else:
-        act = PseudofermionAction(theory.action, wf)
+        act = PseudofermionAction(theory.action, wf, even_odd=even_odd, hasenbusch=hasenbusch,
+                                  mixed_precision=mixed_precision)
     theory.action = act
     theory.params.update(kappa=kappa, nf=int(nf), fermions=str(fermions), csw=csw, boundary=str(boundary))
     return theory

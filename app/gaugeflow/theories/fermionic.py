@@ -28,18 +28,22 @@ approximation (RHMC), left for later, as is twisted mass.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from gaugeflow.fermions import (
     MAX_DENSE_UNKNOWNS,
     WilsonFermions,
-    cg,
     determinant_force,
-    gaussian_fermion,
-    inner,
     log_det_normal,
     n_spin,
-    pseudofermion_force,
+)
+from gaugeflow.fermions.monomials import (
+    Monomial,
+    SolverOptions,
+    build_monomials,
+    check_hasenbusch,
 )
 from gaugeflow.theories.gauge import GaugeAction
 
@@ -117,57 +121,134 @@ class Nf2ExactAction(_FermionicAction):
 
 
 class PseudofermionAction(_FermionicAction):
-    """``S(U) = S_G(U) + phi^dagger (D^dagger D)^{-1} phi`` with the current pseudofermion ``phi``.
+    """``S(U) = S_G(U) + sum_k S_k(U, phi_k)``: the pseudofermion monomials of ``det(D^dagger D)``.
 
-    ``refresh(links, generators)`` draws ``phi = D^dagger eta`` for the configurations about to
-    move (the HMC job calls it at the start of every trajectory); the action and the force use
-    that ``phi`` until the next refresh. CG to ``tol`` relative residual, at most ``maxiter``
-    iterations (:class:`gaugeflow.fermions.SolverNotConverged` otherwise).
+    Options (:mod:`gaugeflow.fermions.monomials` has the formulas):
+
+    * ``even_odd``: pseudofermions on the even sites with the Schur complement ``D_hat`` of
+      :class:`~gaugeflow.fermions.EvenOdd`, plus ``-2 log|det D_oo|`` with the clover term;
+    * ``hasenbusch``: kappas ``kappa_1 < ... < kappa_n < kappa`` of mass preconditioning, one
+      pseudofermion per factor ``det(M_1^dagger M_1) prod_i det(M_{i+1}^dagger M_{i+1}) / det(M_i^dagger M_i)``;
+    * ``mixed_precision``: solves by :func:`~gaugeflow.fermions.cg_mixed` (complex64 inner CG,
+      complex128 residuals to the same ``tol``).
+
+    Without options it is the plain ``phi^dagger (D^dagger D)^{-1} phi`` with ``phi = D^dagger eta``.
+    ``refresh(links, generators)`` draws every pseudofermion for the configurations about to move
+    (the HMC job calls it at the start of every trajectory; chain ``c`` draws from
+    ``generators[c]`` alone, the monomials in order); the action and the force use those fields
+    until the next refresh. CG to ``tol`` relative residual, at most ``maxiter`` iterations
+    (:class:`gaugeflow.fermions.SolverNotConverged` otherwise).
     """
 
     fermions_kind = "pseudofermion"
 
     def __init__(self, gauge: GaugeAction, fermions: WilsonFermions, tol: float = 1e-10, maxiter: int = 10_000,
-                 max_unknowns: int = MAX_DENSE_UNKNOWNS):
+                 max_unknowns: int = MAX_DENSE_UNKNOWNS, even_odd: bool = False, hasenbusch=(),
+                 mixed_precision: bool = False):
+        self._solver = SolverOptions(float(tol), int(maxiter), bool(mixed_precision))
+        self.monomials: list[Monomial] = []
         super().__init__(gauge, fermions, max_unknowns)
         self.tol, self.maxiter = float(tol), int(maxiter)
-        self.phi: torch.Tensor | None = None
+        self.even_odd = bool(even_odd)
+        self.hasenbusch = check_hasenbusch(fermions.kappa, hasenbusch)
+        self.monomials = build_monomials(fermions, self.even_odd, self.hasenbusch, self._solver)
+
+    # -- solver settings, shared by the monomials ---------------------------------------------
+    def _set_solver(self, **changes) -> None:
+        self._solver = replace(self._solver, **changes)
+        for m in self.monomials:
+            if hasattr(m, "solver"):
+                m.solver = self._solver
+
+    @property
+    def tol(self) -> float:
+        return self._solver.tol
+
+    @tol.setter
+    def tol(self, value: float) -> None:
+        self._set_solver(tol=float(value))
+
+    @property
+    def maxiter(self) -> int:
+        return self._solver.maxiter
+
+    @maxiter.setter
+    def maxiter(self, value: int) -> None:
+        self._set_solver(maxiter=int(value))
+
+    @property
+    def mixed_precision(self) -> bool:
+        return self._solver.mixed_precision
+
+    @mixed_precision.setter
+    def mixed_precision(self, value: bool) -> None:
+        self._set_solver(mixed_precision=bool(value))
+
+    @property
+    def options(self) -> dict:
+        """``{"even_odd", "hasenbusch", "mixed_precision"}`` as built."""
+        return {"even_odd": self.even_odd, "hasenbusch": list(self.hasenbusch),
+                "mixed_precision": self.mixed_precision}
+
+    # -- pseudofermion fields ---------------------------------------------------------------------
+    @property
+    def pseudofermions(self) -> list[torch.Tensor | None]:
+        """The current field of every pseudofermion monomial, in drawing order."""
+        return [m.phi for m in self.monomials if hasattr(m, "phi")]
+
+    @property
+    def phi(self) -> torch.Tensor | None:
+        """The first pseudofermion field (the only one without Hasenbusch kappas)."""
+        return self.monomials[0].phi if self.monomials else None
+
+    @phi.setter
+    def phi(self, value: torch.Tensor | None) -> None:
+        self.monomials[0].phi = value
 
     def refresh(self, links: torch.Tensor, generators=None) -> torch.Tensor:
-        """Heat bath ``phi = D^dagger eta``; ``generators``: one for the batch, or one per chain
-        (chain ``c`` draws its noise from ``generators[c]`` alone)."""
-        op = self.fermions.operator(links)
-        if isinstance(generators, (list, tuple)):
-            eta = torch.cat([gaussian_fermion((1, *op.field_shape[1:]), g, op.dtype, op.device) for g in generators])
-        else:
-            eta = gaussian_fermion(op.field_shape, generators, op.dtype, op.device)
-        self.phi = op.apply_dagger(eta)
+        """Heat bath of every pseudofermion; ``generators``: one for the batch, or one per chain
+        (chain ``c`` draws its noise from ``generators[c]`` alone). Returns the first field."""
+        for m in self.monomials:
+            m.refresh(links, generators)
         return self.phi
 
-    def _phi(self, links: torch.Tensor) -> torch.Tensor:
-        if self.phi is None or self.phi.shape[0] != links.shape[0]:
-            raise RuntimeError("PseudofermionAction.refresh(links, generators) must draw phi before the action "
-                               "is evaluated")
-        return self.phi
-
-    def _solve(self, links: torch.Tensor) -> torch.Tensor:
-        import time
-
-        op = self.fermions.operator(links.detach())
-        t0 = time.perf_counter()
-        r = cg(op.normal, self._phi(links), tol=self.tol, maxiter=self.maxiter)
-        self._count(int(r.iterations.max().item()), time.perf_counter() - t0)
-        return r.x
-
+    # -- action and force -------------------------------------------------------------------------
     def fermion_action(self, links: torch.Tensor) -> torch.Tensor:
-        return inner(self._phi(links), self._solve(links)).real
+        total = None
+        for m in self.monomials:
+            s = m.action(links)
+            total = s if total is None else total + s
+        return total
 
     def pseudofermion_action(self, links: torch.Tensor) -> torch.Tensor:
         return self.fermion_action(links)
 
+    def monomial_actions(self, links: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: S_k}`` per monomial."""
+        return {m.name: m.action(links) for m in self.monomials}
+
     def fermion_force(self, links: torch.Tensor) -> torch.Tensor:
-        return pseudofermion_force(self.fermions, links, self._phi(links), tol=self.tol, maxiter=self.maxiter,
-                                   x=self._solve(links))
+        total = None
+        for m in self.monomials:
+            f = m.force(links)
+            total = f if total is None else total + f
+        return total
+
+    def solver_stats(self) -> dict[str, float]:
+        for m in self.monomials:
+            st = m.stats()
+            self._count(st["cg_iterations"], st["solve_seconds"])
+        return super().solver_stats()
+
+    def monomial_stats(self) -> dict[str, dict[str, float]]:
+        """``{name: {cg_iterations, solve_seconds, solves}}`` per monomial since the last call of this
+        or :meth:`solver_stats`; the totals stay in what the next :meth:`solver_stats` reports."""
+        out = {}
+        for m in self.monomials:
+            st = m.stats()
+            self._count(st["cg_iterations"], st["solve_seconds"])
+            out[m.name] = st
+        return out
 
 
 def dense_unknowns(shape, group_n: int) -> int:
