@@ -130,3 +130,27 @@ sun_spectral.resolve_keys = _resolve_gauge
 #: the architectures a checkpoint written before ``_target_`` names by ``model.kind``
 LEGACY_KINDS = {name: f"gaugeflow.flows.models.{name}" for name in ("affine", "spline", "u1_equivariant",
                                                                     "sun_spectral")}
+
+
+def residual(theory, dtype: torch.dtype = torch.float32, *, n_layers: int | None = None,
+             hidden: Sequence[int] = (16, 16), kernel_size: int = 3, activation: str = "leaky_relu",
+             zero_init: bool = False, loops: Sequence[str] = ("plaquette", "rectangle"), max_step: float = 0.9,
+             tol: float | None = None, max_iter: int = 1000) -> FlowModel:
+    """Residual (stout-like) gauge flows for U(1) and SU(N) (Abbott et al. 2401.10874, after Lüscher
+    0907.5491): ``U -> exp(P(U sum_k c_k S_k)) U`` on the active links of the mask schedule, loops
+    through exactly one active link, ``sum_k |c_k| < max_step < 1`` (invertible), exact per-link
+    log-det, fixed-point inverse (``tol``, ``max_iter``); see :mod:`gaugeflow.flows.residual`."""
+    from gaugeflow.flows.residual import ResidualCoupling
+
+    if not theory.is_gauge:
+        raise ValueError(f"model=residual needs a gauge theory, got {theory.name}")
+    net = _nets(theory, hidden, kernel_size, activation, zero_init)
+    schedule = gauge_mask_schedule(theory.lattice.shape)
+    layers = [ResidualCoupling(schedule[i % len(schedule)], theory.group, net, loops=tuple(loops),
+                               max_step=max_step, tol=tol, max_iter=max_iter)
+              for i in range(_check_layers(gauge_layers(theory, n_layers)))]
+    prior = HaarPrior(theory.group, theory.lattice.shape, dtype=_complex(dtype))
+    return FlowModel(prior, Flow(layers)).to(dtype)
+
+
+residual.resolve_keys = _resolve_gauge
