@@ -166,6 +166,10 @@ def correlator(corr_mean, corr_err, meff_mean, meff_err, path, name: str = "pion
     ax1.set_xlabel("t")
     ax1.set_ylabel(r"$m_{\rm eff}(t)$")
     ax1.set_title(f"{name} effective mass (cosh form)")
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax0, ax1):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if tm.size:
         ax1.set_xlim(-0.5, tm.size - 0.5)
     return _save(fig, path)

@@ -45,6 +45,7 @@ from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleWriter, parse_compression
 from gaugeflow.io.provenance import provenance
 from gaugeflow.components import instantiate_node
+from gaugeflow.sampling.hmc import marginal_action
 from gaugeflow.sampling.imh import block_entries, gather_chain
 from gaugeflow.sampling.statistics import gamma_method
 from gaugeflow.sampling.summary import summarize, topology
@@ -239,7 +240,8 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
             x, log_q = model.sample(mine, gen)
             # weights and observables in float64 on the configurations as drawn, each rank its own
             x64 = x.to(theory.field_dtype(torch.float64))
-            action = theory.action(x64).double()
+            # the distribution of the links (pseudofermions: the marginal S_G - log det(D^dagger D))
+            action = marginal_action(theory, x64).double()
             obs = {k: v.double() for k, v in theory.measure(x64, flow_time).items()}
             obs_names = list(obs)
             scalars = torch.stack([log_q.double(), action, *obs.values()], 1)

@@ -44,6 +44,12 @@ class HMCConf:
     max_time: Optional[str] = None  # seconds or HH:MM:SS
     continue_from: Optional[str] = None  # ensemble file whose last configuration starts the chain
     flow_time: float = 0.0  # Wilson-flow time before measuring the 4d topological charge
+    # theories with dynamical fermions (docs/hmc.md "Dynamical fermions"); others refuse them set
+    gauge_steps: int = 1  # gauge-force steps per drift of the fermion scale (1: one time scale)
+    cg_tol: float = 1e-10  # relative residual of every CG solve
+    cg_maxiter: int = 10_000  # iterations before a solve fails (the job stops, exit 1)
+    measure_logdet: bool = False  # pseudofermions: log det(D^dagger D) per stored configuration (dense)
+    fermion_measurements: bool = True  # pion correlator and chiral condensate (measure_every schedule)
     precision: str = "float64"
     compression: Optional[str] = None  # null | gzip | gzip:<level> | lzf
     progress: bool = True

@@ -40,6 +40,7 @@ from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
 from gaugeflow.exact import reference_values
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.io.provenance import provenance
+from gaugeflow.sampling.hmc import marginal_action
 from gaugeflow.sampling.statistics import gamma_method, replicas
 from gaugeflow.sampling.summary import reweighted
 from gaugeflow.sampling.weights import KHAT_MAX, MIN_EFFECTIVE, forward_effective_sample_size, pareto_khat, \
@@ -97,7 +98,8 @@ def run_score(cfg: DictConfig) -> dict:
         for i in range(0, n, bs):
             x = torch.from_numpy(np.asarray(ds[i:i + bs])).to(device)
             # the action in float64 whatever the file holds; log q in score.dtype
-            log_p[i:i + bs] = (-theory.action(x.to(theory.field_dtype(torch.float64)))).double().cpu().numpy()
+            # (a theory with pseudofermions: the links' marginal S_G - log det(D^dagger D), dense)
+            log_p[i:i + bs] = (-marginal_action(theory, x.to(theory.field_dtype(torch.float64)))).double().cpu().numpy()
             log_q[i:i + bs] = model.log_prob(x.to(theory.field_dtype(dtype))).double().cpu().numpy()
             bar.advance()
 
