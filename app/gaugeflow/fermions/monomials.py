@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gaugeflow.fermions.evenodd import ODD, EvenOdd
+from gaugeflow.fermions.evenodd import EVEN, ODD, EvenOdd
 from gaugeflow.fermions.fields import gaussian_fermion, inner
 from gaugeflow.fermions.force import (
     _clover_derivative,
@@ -70,8 +70,16 @@ from gaugeflow.fermions.force import (
 )
 from gaugeflow.fermions.gamma import sigma_munu
 from gaugeflow.fermions.solvers import SolveResult, cg, cg_mixed
-from gaugeflow.fermions.wilson import WilsonFermions
-from gaugeflow.lattice.geometry import site_sum
+from gaugeflow.fermions.wilson import (
+    WilsonDirac,
+    WilsonFermions,
+    _mul_internal,
+    _shift_internal,
+    from_internal,
+    to_internal,
+)
+from gaugeflow.lattice import checkerboard
+from gaugeflow.lattice.geometry import global_shape, site_sum
 from gaugeflow.observables.topology import clover_field_strength
 
 __all__ = [
@@ -98,18 +106,113 @@ class SolverOptions:
     inner_tol: float = 1e-5
 
 
+class _HalfLattice:
+    """A dedicated half-lattice stencil for the Schur complement (single-process lattices).
+
+    Fields of one parity are held in the operator's internal spin-colour-major layout, packed
+    along time: ``(batch, S, C, L_0, ..., L_{d-2}, L_t/2)``, the site ``(x', t = 2j + b)`` at
+    ``(x', j)`` with ``b = (P - parity(x', 0)) mod 2`` fixed by the parity P; this is
+    :class:`EvenOdd`'s packed order. A neighbour in a direction ``mu < t`` sits at the same
+    ``(x' +- mu, j)``; in time at ``j`` or ``j +- 1`` depending on ``b``. The hopping term is
+    spin-projected as in :meth:`WilsonDirac.hop` (it uses that operator's internal blocks) and
+    costs half the full-lattice hop.
+    """
+
+    def __init__(self, op: WilsonDirac):
+        self.op = op
+        d, lat = op.d, op.lattice_shape
+        self.t = d - 1
+        par = checkerboard(lat, device=op.device)[..., 0::2]  # parity of (x', 2j)
+        self.bits = [((p - par) % 2).bool() for p in (EVEN, ODD)]
+        self.u = [[self.pack(u, p) for u in op._u_in] for p in (EVEN, ODD)]
+        self.udag = [[self.pack(u, p) for u in op._udag_in] for p in (EVEN, ODD)]
+        self.a_ee = self.a_oo_inv = None
+        blocks = op._site_blocks  # (batch, 2, K, K, *L) or None
+        if blocks is not None:
+            inv = torch.linalg.inv(blocks.movedim((2, 3), (-2, -1))).movedim((-2, -1), (2, 3)).contiguous()
+            self.a_ee, self.a_oo_inv = self.pack(blocks, EVEN), self.pack(inv, ODD)
+
+    def pack(self, f: torch.Tensor, parity: int) -> torch.Tensor:
+        """The sites of ``parity`` of ``(..., *L)`` as ``(..., *L', L_t/2)``."""
+        pairs = f.unflatten(-1, (f.shape[-1] // 2, 2))
+        return torch.where(self.bits[parity], pairs[..., 1], pairs[..., 0])
+
+    def unpack(self, h: torch.Tensor, parity: int) -> torch.Tensor:
+        """Inverse of :meth:`pack`, zeros on the other parity."""
+        z = torch.zeros_like(h)
+        b = self.bits[parity]
+        return torch.stack([torch.where(b, z, h), torch.where(b, h, z)], dim=-1).flatten(-2)
+
+    def _fwd(self, h: torch.Tensor, mu: int, out: int) -> torch.Tensor:
+        """``h(x + mu)`` at the sites of parity ``out`` (``h`` on the other parity)."""
+        if mu != self.t:
+            return _shift_internal(h, mu, 1)
+        return torch.where(self.bits[out], _shift_internal(h, mu, 1), h)
+
+    def _bwd(self, h: torch.Tensor, mu: int, out: int) -> torch.Tensor:
+        """``h(x - mu)`` at the sites of parity ``out``."""
+        if mu != self.t:
+            return _shift_internal(h, mu, -1)
+        return torch.where(self.bits[out], h, _shift_internal(h, mu, -1))
+
+    def hop(self, p: torch.Tensor, out: int) -> torch.Tensor:
+        """``(H p)`` on the sites of parity ``out`` for ``p`` on the other parity (as ``WilsonDirac._hop``)."""
+        op, half = self.op, self.op.n_spin // 2
+        up = low = None
+        for mu in range(op.d):
+            perm_up, phase_up, perm_low, phase_low = op._proj[mu]
+            g_up = p.index_select(1, perm_up) * phase_up
+            x_up = p[:, :half]
+            a = _mul_internal(self.u[out][mu], self._fwd(x_up - g_up, mu, out))
+            b = self._bwd(_mul_internal(self.udag[1 - out][mu], x_up + g_up), mu, out)
+            t_up = a + b
+            t_low = (b - a).index_select(1, perm_low) * phase_low
+            up = t_up if up is None else up.add_(t_up)
+            low = t_low if low is None else low.add_(t_low)
+        return torch.cat([up, low], dim=1)
+
+    @staticmethod
+    def site(a: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
+        """Chirality blocks ``a`` ``(batch, 2, K, K, *Lh)`` applied site by site (identity for None)."""
+        if a is None:
+            return p
+        q = p.reshape(p.shape[0], 2, -1, *p.shape[3:])
+        out = a[:, :, :, 0] * q[:, :, 0:1]
+        for j in range(1, q.shape[2]):
+            out = out.addcmul_(a[:, :, :, j], q[:, :, j : j + 1])
+        return out.view(p.shape)
+
+    def schur(self, p: torch.Tensor) -> torch.Tensor:
+        """``D_hat p = A_ee p - kappa^2 H_eo A_oo^{-1} H_oe p``."""
+        k2 = self.op.kappa * self.op.kappa
+        return self.site(self.a_ee, p) - k2 * self.hop(self.site(self.a_oo_inv, self.hop(p, ODD)), EVEN)
+
+
 class FermionMatrix:
     """The operator a pseudofermion sees: ``M = D`` (full lattice) or ``M = D_hat`` (even sites).
 
-    ``D_hat = D_ee - D_eo D_oo^{-1} D_oe`` of :class:`EvenOdd`; its fields are the packed
-    even-site fields ``(batch, V/2, spin, colour)``.
+    ``D_hat = D_ee - D_eo D_oo^{-1} D_oe`` is the Schur complement of :class:`EvenOdd`
+    (``D_hat x = A x - kappa^2 H A^{-1} H x`` on the even sites). Its fields ("M-fields") are held
+    in a format of this class: on a single-process lattice packed along time in the operator's
+    internal layout (:class:`_HalfLattice`, half the flops of a full-lattice hop); inside a domain
+    context (or with ``half_lattice=False``) full-lattice fields with zeros on the odd sites (``H``
+    maps one parity onto the other, so no masking is needed; twice the flops). Convert with :meth:`from_packed` / :meth:`to_packed`
+    (:class:`EvenOdd`'s ``(batch, V/2, spin, colour)``, the order of :meth:`dense`) and
+    :meth:`to_full`; for ``M = D`` they are the identity on ``(batch, *L, spin, colour)`` fields.
     """
 
-    def __init__(self, fermions: WilsonFermions, links: torch.Tensor, even_odd: bool = False):
+    def __init__(self, fermions: WilsonFermions, links: torch.Tensor, even_odd: bool = False,
+                 half_lattice: bool | None = None):
         self.fermions = fermions
         self.links = links
         self.op = fermions.operator(links)
         self.eo = EvenOdd(self.op) if even_odd else None
+        whole = global_shape(self.op.lattice_shape) == self.op.lattice_shape
+        if half_lattice and not whole:
+            raise ValueError("the half-lattice stencil is single-process (this lattice is a block of a decomposed one)")
+        use_half = whole if half_lattice is None else bool(half_lattice)
+        self.half = _HalfLattice(self.op) if self.eo is not None and use_half else None
+        self._ainv: torch.Tensor | None = None
         self._low: FermionMatrix | None = None
 
     @property
@@ -117,7 +220,8 @@ class FermionMatrix:
         return self.eo is not None
 
     @property
-    def field_shape(self) -> tuple[int, ...]:
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of the independent components: ``(batch, V/2, spin, colour)`` for ``D_hat``."""
         shape = self.op.field_shape
         if self.eo is None:
             return shape
@@ -131,36 +235,92 @@ class FermionMatrix:
     def device(self) -> torch.device:
         return self.op.device
 
+    # -- field formats -----------------------------------------------------------------------------
+    def from_packed(self, packed: torch.Tensor) -> torch.Tensor:
+        """An M-field from :class:`EvenOdd`'s packed even-site field (the identity for ``M = D``)."""
+        if self.eo is None:
+            return packed
+        if self.half is None:
+            return self.eo.unpack(packed, EVEN)
+        lat = self.op.lattice_shape
+        return to_internal(packed.reshape(packed.shape[0], *lat[:-1], lat[-1] // 2, *packed.shape[-2:]))
+
+    def to_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """:class:`EvenOdd`'s packed ``(batch, V/2, spin, colour)`` field of an M-field."""
+        if self.eo is None:
+            return x
+        if self.half is None:
+            return self.eo.pack(x, EVEN)
+        full = from_internal(x)
+        return full.reshape(full.shape[0], -1, *full.shape[-2:])
+
+    def to_full(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-lattice ``(batch, *L, spin, colour)`` field of an M-field (zeros on the odd sites)."""
+        if self.half is None:
+            return x
+        return from_internal(self.half.unpack(x, EVEN))
+
+    # -- the operator --------------------------------------------------------------------------------
+    def _site_inv(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^{-1} x`` site by site on a full-lattice field (the identity without clover)."""
+        if self.fermions.csw == 0.0:
+            return x
+        if self._ainv is None:
+            self._ainv = torch.linalg.inv(self.op.site_matrices())
+        return self.op.apply_site_matrices(self._ainv, x)
+
+    def _schur_full(self, x: torch.Tensor) -> torch.Tensor:
+        op = self.op
+        return op.site_term(x) - (op.kappa * op.kappa) * op.hop(self._site_inv(op.hop(x)))
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply(x) if self.eo is None else self.eo.schur(x)
+        if self.eo is None:
+            return self.op.apply(x)
+        if self.half is None:
+            return self._schur_full(x)
+        return self.half.schur(x)
 
     __call__ = apply
 
+    def _g5(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op.gamma5(x) if self.half is None else self.op._g5(x, dim=1)
+
     def apply_dagger(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op.apply_dagger(x) if self.eo is None else self.eo.schur_dagger(x)
+        """``M^dagger x = gamma_5 M gamma_5 x``."""
+        if self.eo is None:
+            return self.op.apply_dagger(x)
+        return self._g5(self.apply(self._g5(x)))
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:
         """``M^dagger M x``."""
+        if self.eo is None:
+            return self.op.normal(x)
         return self.apply_dagger(self.apply(x))
 
     def low(self, dtype: torch.dtype = torch.complex64) -> FermionMatrix:
         """The same operator in ``dtype`` (cached): the inner operator of mixed-precision solves."""
         if self._low is None or self._low.dtype != dtype:
-            self._low = FermionMatrix(self.fermions, self.links.detach().to(dtype), self.eo is not None)
+            self._low = FermionMatrix(self.fermions, self.links.detach().to(dtype), self.eo is not None,
+                                      self.half is not None)
         return self._low
 
     def dense(self) -> torch.Tensor:
-        """``M`` as a dense matrix (small lattices; the packed even-site order for ``D_hat``)."""
+        """``M`` as a dense matrix (small lattices; for ``D_hat`` in the packed order of :meth:`to_packed`)."""
         return self.op.dense() if self.eo is None else self.eo.schur_dense()
 
+    # -- derivative -----------------------------------------------------------------------------------
     def full_fields(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-lattice ``(L, R)`` with ``Re<left, dM right> = Re<L, dD R>`` (the fields themselves for ``M = D``)."""
+        """Full-lattice ``(L, R)`` with ``Re<left, dM right> = Re<L, dD R>`` (the fields themselves for ``M = D``).
+
+        ``R = r - D_oo^{-1} D_oe r = r + kappa A^{-1} H r`` and ``L = l + kappa gamma_5 A^{-1} H gamma_5 l``
+        for the full-lattice ``r``, ``l`` (module docstring)."""
         if self.eo is None:
             return left, right
-        eo, g5 = self.eo, self.op.gamma5
-        r_o = eo.d_oo_inv(eo.d_oe(right))
-        l_o = g5(eo.d_oo_inv(eo.d_oe(g5(left))))
-        return eo.join(left, -l_o), eo.join(right, -r_o)
+        op, g5 = self.op, self.op.gamma5
+        r, l = self.to_full(right), self.to_full(left)
+        big_r = r + op.kappa * self._site_inv(op.hop(r))
+        big_l = l + op.kappa * g5(self._site_inv(op.hop(g5(l))))
+        return big_l, big_r
 
     def derivative(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """The algebra element ``G`` with ``d/d eps Re<left, M right> = tr(T G)`` at fixed fields."""
@@ -261,7 +421,7 @@ class TwoFlavourMonomial(_PseudofermionMonomial):
 
     def refresh(self, links: torch.Tensor, generators=None) -> torch.Tensor:
         m = self.matrix(links.detach())
-        eta = _noise(m.field_shape, generators, m.dtype, m.device)
+        eta = m.from_packed(_noise(m.noise_shape, generators, m.dtype, m.device))
         self.phi = m.apply_dagger(eta)
         return self.phi
 
@@ -301,7 +461,7 @@ class HasenbuschRatioMonomial(_PseudofermionMonomial):
 
     def refresh(self, links: torch.Tensor, generators=None) -> torch.Tensor:
         m, n = self.matrices(links.detach())
-        eta = _noise(m.field_shape, generators, m.dtype, m.device)
+        eta = m.from_packed(_noise(m.noise_shape, generators, m.dtype, m.device))
         # phi = M^{-dagger} w with w = N^dagger eta, and M^{-dagger} = M (M^dagger M)^{-1}
         self.phi = m.apply(self.solve(m, n.apply_dagger(eta)))
         return self.phi

@@ -4,10 +4,12 @@
 ``S(U) = S_G(U) - log det(D^dagger D)`` with a batched dense log-determinant (small lattices only:
 :data:`gaugeflow.fermions.MAX_DENSE_UNKNOWNS`), its force from the analytic trace formula.
 
-``fermions="pseudofermion"``: the joint target over links and one pseudofermion field ``phi``,
-``S(U, phi) = S_G(U) + phi^dagger (D^dagger D)^{-1} phi``; ``phi`` is refreshed by a heat bath at
+``fermions="pseudofermion"``: the joint target over links and pseudofermion fields, by default one,
+``S(U, phi) = S_G(U) + phi^dagger (D^dagger D)^{-1} phi``; the fields are refreshed by a heat bath at
 the start of every trajectory (:meth:`PseudofermionAction.refresh`), so the links' marginal is the
-same ``exp(-S_G) det(D^dagger D)`` (Weingarten & Petcher 1981; Gottlieb et al. 1987).
+same ``exp(-S_G) det(D^dagger D)`` (Weingarten & Petcher 1981; Gottlieb et al. 1987). Options
+``even_odd``, ``hasenbusch`` and ``mixed_precision`` split ``det(D^dagger D)`` into other monomials
+(:mod:`gaugeflow.fermions.monomials`) with the same marginal.
 
 Both actions expose the interface the HMC job uses (the contract of a fermionic action):
 
