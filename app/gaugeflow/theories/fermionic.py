@@ -144,6 +144,14 @@ class PseudofermionAction(_FermionicAction):
 
     fermions_kind = "pseudofermion"
 
+
+    def __call__(self, links: torch.Tensor) -> torch.Tensor:
+        """The action of the links' own distribution, ``S_G - log det(D^dagger D)`` (dense: small
+        lattices): what flows learn and what files record as ``action``. HMC's Hamiltonian is
+        ``gauge_action + fermion_action`` with the pseudofermions of the trajectory, and
+        :meth:`force` is that Hamiltonian's force."""
+        sg = self.gauge(links)
+        return sg - self.fermion_logdet(links).to(sg.dtype)
     def __init__(self, gauge: GaugeAction, fermions: WilsonFermions, tol: float = 1e-10, maxiter: int = 10_000,
                  max_unknowns: int = MAX_DENSE_UNKNOWNS, even_odd: bool = False, hasenbusch=(),
                  mixed_precision: bool = False):
