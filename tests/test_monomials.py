@@ -292,34 +292,42 @@ def test_hmc_energy_violation(case):
 
 
 @pytest.mark.physics
-def test_variants_sample_the_same_plaquette():
+def test_variants_sample_the_same_plaquette_and_charge():
     """Schwinger model, 4x4, beta 2, kappa 0.24: plain, even/odd and Hasenbusch (kappa' = 0.2)
-    pseudofermion HMC against exact-determinant HMC; errors from the spread of 32 chain means
-    (each pseudofermion run 30 trajectories, 4-10 s on one core).
-    Power: the dynamical fermions move the plaquette well away from the quenched exact value."""
+    pseudofermion HMC against exact-determinant HMC, on the plaquette and <Q^2> (the geometric
+    charge); errors from the spread of 32 chain means (each pseudofermion run 30 trajectories,
+    4-10 s on one core). Power: the dynamical fermions move the plaquette well away from the
+    quenched exact value."""
     shape, beta, kappa, chains = [4, 4], 2.0, 0.24, 32
 
     def run(theory, seed, n_therm=6, n_traj=24):
         gen = _gen(seed)
         hmc = HMC(theory, 4, 1.0, "omelyan", "analytic", gen)
         links = theory.start(chains, "cold", gen)
-        plaq = []
+        plaq, q2 = [], []
         for t in range(n_therm + n_traj):
             links = hmc.trajectory(links).fields
             if t >= n_therm:
                 plaq.append(mean_plaquette(links).double())
-        means = torch.stack(plaq, 1).mean(1)
-        return means.mean().item(), means.std().item() / math.sqrt(chains)
+                q2.append(theory.measure(links)["topological_charge"].double().square())
+        out = {}
+        for name, series in (("plaquette", plaq), ("q2", q2)):
+            means = torch.stack(series, 1).mean(1)
+            out[name] = (means.mean().item(), means.std().item() / math.sqrt(chains))
+        return out
 
     # the exact-determinant reference is cheap (a dense 32x32 determinant): a longer run
-    ref, ref_err = run(wilson_nf2_theory(shape, "u1", beta, kappa, fermions="exact"), 50, n_traj=120)
+    ref = run(wilson_nf2_theory(shape, "u1", beta, kappa, fermions="exact"), 50, n_traj=120)
     quenched = u1_plaquette(beta, 16)
-    assert abs(ref - quenched) > 3 * ref_err
+    assert abs(ref["plaquette"][0] - quenched) > 3 * ref["plaquette"][1]
+    assert ref["q2"][0] > 3 * ref["q2"][1]  # charged sectors are sampled: the <Q^2> check has content
     for i, options in enumerate([{}, {"even_odd": True}, {"hasenbusch": [0.2]}]):
         theory = wilson_nf2_theory(shape, "u1", beta, kappa, fermions="pseudofermion", **options)
-        value, err = run(theory, 51 + i)
-        assert abs(value - ref) < 3 * math.hypot(err, ref_err), (options, value, err, ref, ref_err)
-        assert abs(value - quenched) > 3 * err
+        got = run(theory, 51 + i)
+        for name in ("plaquette", "q2"):
+            (value, err), (want, want_err) = got[name], ref[name]
+            assert abs(value - want) < 3 * math.hypot(err, want_err), (options, name, value, err, want, want_err)
+        assert abs(got["plaquette"][0] - quenched) > 3 * got["plaquette"][1]
 
 
 def test_mixed_precision_meets_the_float64_tolerance():
