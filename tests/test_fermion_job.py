@@ -3,6 +3,7 @@ pseudofermion refresh per chain, the nested (multiple time scale) integrator, th
 the file layout (marginal ``action`` where the log-determinant is known, correlators, CG cost),
 solver failures, continuation, and ``analyze`` of the files."""
 
+import json
 import math
 import os
 import subprocess
@@ -207,6 +208,8 @@ def test_pseudofermion_job_with_logdet(tmp_path, capsys):
     assert ok, info
     with h5py.File(out) as f:
         assert f.attrs["cg_tol"] == 1e-12 and f.attrs["cg_iterations_per_trajectory"] > 0
+        assert json.loads(f.attrs["pseudofermion_options"]) == {"even_odd": False, "hasenbusch": [],
+                                                                  "mixed_precision": False}
     assert "CG per trajectory" in text and "iterations" in text
 
 

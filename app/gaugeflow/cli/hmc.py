@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import json
 import os
 import sys
 import time
@@ -164,6 +165,11 @@ def run_hmc(cfg: DictConfig) -> dict:
         attrs.update(gauge_steps=int(h.gauge_steps), cg_tol=float(h.cg_tol), cg_maxiter=int(h.cg_maxiter),
                      measure_logdet=bool(fermion["logdet"]), fermion_measurements=bool(fermion["measure"]),
                      measure_seed=measure_seed)
+        options = getattr(theory.action, "options", None)
+        if options is not None:
+            # the pseudofermion algorithm (even/odd, Hasenbusch kappas, mixed precision): it does not
+            # change the target, so it is not a theory parameter, but a file says how it was made
+            attrs.update(pseudofermion_options=json.dumps(options))
     field_name = "links" if theory.is_gauge else "phi"
     # per key, one array of the chains' values per trajectory (acceptance, <exp(-dH)>) or per
     # stored configuration (measurements; NaN where not measured)
