@@ -1,7 +1,6 @@
 """Shared test helpers."""
 
 import torch
-
 from gaugeflow.components import legacy_kind
 from gaugeflow.flows import models
 
@@ -11,3 +10,20 @@ def theory_flow(theory, dtype=torch.float32, **keys):
     phi^4, u1_equivariant for U(1), sun_spectral for SU(N)), built with ``keys``."""
     builder = getattr(models, legacy_kind(theory.group.name if theory.group is not None else None))
     return builder(theory, dtype, **keys)
+
+
+def haar(group, batch, shape, seed):
+    """``batch`` Haar-random link configurations of ``group`` on ``shape``."""
+    from gaugeflow.groups import get_group
+
+    return get_group(group).random((batch, len(shape), *shape), torch.Generator().manual_seed(seed))
+
+
+def log_series(m, terms=30):
+    """log(M) = sum_k (-1)^{k+1} (M - 1)^k / k, for M near 1 (differentiable, unlike log via eig at 1)."""
+    a = m - torch.eye(m.shape[-1], dtype=m.dtype)
+    out, ak = torch.zeros_like(m), torch.eye(m.shape[-1], dtype=m.dtype)
+    for k in range(1, terms + 1):
+        ak = ak @ a
+        out = out + ((-1) ** (k + 1) / k) * ak
+    return out

@@ -17,12 +17,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from gaugeflow.flows import models
-from helpers import theory_flow
-from gaugeflow.groups import get_group
-from gaugeflow.sampling.hmc import HMC
 from gaugeflow.components import build_theory
+from gaugeflow.sampling.hmc import HMC
+from helpers import theory_flow
 
 CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "theory").glob("*.yaml"))
@@ -38,21 +35,6 @@ def tiny_shape(cfg: dict) -> list[int]:
     return [4, 4] if cfg["dim"] == 2 else [2] * cfg["dim"]
 
 
-@pytest.fixture
-def meta_default():
-    """torch's default device is ``meta`` inside the test; restored whatever happens."""
-    # the groups' lru-cached generator matrices are created by a factory call on first use
-    # and moved with .to(device) afterwards (correct on a GPU); build them on the CPU first
-    # so that the cache does not keep meta tensors for the rest of the session
-    for g in ("u1", "su2", "su3"):
-        get_group(g).generators()
-    previous = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(previous)
-    assert torch.get_default_device() == previous
 
 
 def on_cpu(*tensors: torch.Tensor) -> bool:
@@ -125,9 +107,8 @@ def test_flow_model_sample_and_log_prob(name, meta_default):
 
 
 def hmc_config(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
     from gaugeflow.cli.common import CONFIG_DIR
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("hmc", overrides=list(overrides))
@@ -157,10 +138,10 @@ def test_hmc_job_under_meta_default(name, tmp_path, meta_default, capsys):
 def test_training_step_metrics_and_evaluation_on_the_generators_device(name, meta_default):
     # the train job's loop pieces: a step with gradient accumulation, its metrics row and the
     # end-of-run evaluation (the model is built on the CPU first, as a job builds it before .to(device))
-    from gaugeflow.train.trainer import accumulated_step, batch_metrics, evaluate
     from gaugeflow.distributed.init import DistContext
     from gaugeflow.distributed.parallel import Parallel
     from gaugeflow.train.losses import ReverseKL
+    from gaugeflow.train.trainer import accumulated_step, batch_metrics, evaluate
 
     cfg = preset(name)
     with torch.device("cpu"):

@@ -311,17 +311,6 @@ def test_decomposed_dirac_and_cg_equal_single_process():
 # -- devices: nothing lands on torch's default device --------------------------------------------------
 
 
-@pytest.fixture
-def meta_default():
-    """torch's default device is ``meta`` inside the test (as tests/test_devices.py)."""
-    for g in ("u1", "su2", "su3"):
-        get_group(g).generators()
-    previous = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(previous)
 
 
 @pytest.mark.parametrize("group,shape,csw", [("u1", (4, 4), 1.0), ("su2", (2, 2, 2, 2), 1.0)])

@@ -358,16 +358,6 @@ def test_mixed_precision_meets_the_float64_tolerance():
 # -- devices -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def meta_default():
-    for g in ("u1", "su2", "su3"):
-        get_group(g).generators()
-    previous = torch.get_default_device()
-    torch.set_default_device("meta")
-    try:
-        yield
-    finally:
-        torch.set_default_device(previous)
 
 
 @pytest.mark.parametrize("group,shape,csw", [("u1", (4, 4), 0.0), ("su2", (2, 2, 2, 2), 1.0)])

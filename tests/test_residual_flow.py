@@ -15,6 +15,7 @@ from gaugeflow.flows.residual import FixedPointError, ResidualCoupling, staple_p
 from gaugeflow.groups import get_group
 from gaugeflow.groups.matrix import dagger
 from gaugeflow.theories.gauge import gauge_transform
+from helpers import haar, log_series
 
 F64 = torch.float64
 
@@ -36,20 +37,6 @@ def make_layer(group, shape, mu=0, offsets=None, scale=0.5, seed=0, loops=("plaq
             for p in layer.parameters():
                 p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return layer
-
-
-def haar(group, batch, shape, seed):
-    return get_group(group).random((batch, len(shape), *shape), torch.Generator().manual_seed(seed))
-
-
-def log_series(m, terms=40):
-    """log(M) for M near 1 (differentiable)."""
-    a = m - torch.eye(m.shape[-1], dtype=m.dtype)
-    out, ak = torch.zeros_like(m), torch.eye(m.shape[-1], dtype=m.dtype)
-    for k in range(1, terms + 1):
-        ak = ak @ a
-        out = out + ((-1) ** (k + 1) / k) * ak
-    return out
 
 
 @pytest.mark.parametrize("group,shape", CASES)
@@ -88,7 +75,7 @@ def test_logdet_against_autograd_jacobian_of_the_whole_layer(group, shape):
             x = torch.einsum("...a,aij->...ij", c.reshape(*u0.shape[:-2], g.dim).to(gens.dtype), gens)
             u = torch.linalg.matrix_exp(x) @ u0
             v = fn(u)[0]
-            return g.to_coords(log_series(v @ dagger(v0))).reshape(-1)
+            return g.to_coords(log_series(v @ dagger(v0), terms=40)).reshape(-1)
 
         jac = torch.autograd.functional.jacobian(f, torch.zeros(n_links * g.dim, dtype=F64), vectorize=True)
         auto = torch.linalg.slogdet(jac)

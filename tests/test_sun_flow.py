@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 
+import gaugeflow.flows.sun as sun
 import pytest
 import torch
-
-import gaugeflow.flows.sun as sun
 from gaugeflow.flows.base import Flow
 from gaugeflow.flows.conv import ConvNet
 from gaugeflow.flows.masks import gauge_mask, gauge_mask_schedule
@@ -25,6 +24,7 @@ from gaugeflow.groups import SU, get_group
 from gaugeflow.groups.matrix import dagger
 from gaugeflow.observables.loops import plaquette
 from gaugeflow.theories.gauge import gauge_transform
+from helpers import haar, log_series
 
 F64 = torch.float64
 TWO_PI = 2 * math.pi
@@ -53,20 +53,6 @@ def randomize(module, scale, seed):
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return module
-
-
-def haar(group, batch, shape, seed):
-    return get_group(group).random((batch, len(shape), *shape), torch.Generator().manual_seed(seed))
-
-
-def log_series(m, terms=30):
-    """log(M) = sum_k (-1)^{k+1} (M - 1)^k / k, for M near 1 (differentiable, unlike log via eig at 1)."""
-    a = m - torch.eye(m.shape[-1], dtype=m.dtype)
-    out, ak = torch.zeros_like(m), torch.eye(m.shape[-1], dtype=m.dtype)
-    for k in range(1, terms + 1):
-        ak = ak @ a
-        out = out + ((-1) ** (k + 1) / k) * ak
-    return out
 
 
 # ------------------------------------------------------------------------------ canonical cell
@@ -383,8 +369,8 @@ def test_round_trip_on_degenerate_centre_and_identity_links(group, shape, scale)
 # ------------------------------------------------------------------------------ sampler vs inverse
 def small_model(theory_cfg, shape, n_layers, scale, seed=1, dtype=F64):
     """A spectral flow model with zero-initialised nets, then every weight perturbed (asserted)."""
-    from helpers import theory_flow
     from gaugeflow.components import build_theory
+    from helpers import theory_flow
 
     theory = build_theory(theory_cfg, list(shape))
     with torch.random.fork_rng():

@@ -95,15 +95,21 @@ def _clover_derivative(fermions: WilsonFermions, links: torch.Tensor, left: torc
     left, right = left.detach(), right.detach()
     _, _, sigmas = SpinMonomial.basis(d)
     w = {plane: _outer(sig(right), left) for plane, sig in sigmas.items()}
-    sites = tuple(range(1, d + 1))
+    return clover_contraction_force(links, w, -(fermions.csw * fermions.kappa))
+
+
+def clover_contraction_force(links: torch.Tensor, weights: dict, scale: float) -> torch.Tensor:
+    """Force of ``scale * sum_{mu<nu} sum_x Re tr(F_{mu nu}(U) W_{mu nu})`` at fixed ``weights``
+    ``W`` (keyed by plane): autograd through the clover field strengths only."""
+    sites = tuple(range(1, links.shape[1] + 1))
 
     def surrogate(u: torch.Tensor) -> torch.Tensor:
         total = None
-        for (mu, nu), w_plane in w.items():
+        for (mu, nu), w_plane in weights.items():
             f = clover_field_strength(u, mu, nu)
             t = site_sum(torch.einsum("...ij,...ji->...", f, w_plane).real, sites)
             total = t if total is None else total + t
-        return -(fermions.csw * fermions.kappa) * total
+        return scale * total
 
     return autograd_link_force(surrogate, links)
 

@@ -65,7 +65,7 @@ from gaugeflow.fermions.evenodd import EVEN, ODD, EvenOdd
 from gaugeflow.fermions.fields import gaussian_fermion, inner
 from gaugeflow.fermions.force import (
     _clover_derivative,
-    autograd_link_force,
+    clover_contraction_force,
     hopping_derivative,
 )
 from gaugeflow.fermions.gamma import sigma_munu
@@ -80,7 +80,6 @@ from gaugeflow.fermions.wilson import (
 )
 from gaugeflow.lattice import checkerboard
 from gaugeflow.lattice.geometry import global_shape, site_sum
-from gaugeflow.observables.topology import clover_field_strength
 
 __all__ = [
     "FermionMatrix",
@@ -525,18 +524,9 @@ class SiteLogDetMonomial(Monomial):
         planes = [(mu, nu) for mu in range(d) for nu in range(mu + 1, d)]
         # tr(A^{-1} dA) = -csw kappa sum_{mu<nu} tr(dF_{mu nu} W_{mu nu}), W[j, i] = sum_ab sig[a, b] A^{-1}[(b, j), (a, i)]
         w = {p: torch.einsum("ab,...bjai->...ji", sig[p], ainv) for p in planes}
-        sites = tuple(range(1, d + 1))
         coef = self.fermions.csw * self.fermions.kappa
-
-        def surrogate(u: torch.Tensor) -> torch.Tensor:
-            total = None
-            for (mu, nu), wp in w.items():
-                f = clover_field_strength(u, mu, nu)
-                t = site_sum(torch.einsum("...ij,...ji->...", f, wp).real, sites)
-                total = t if total is None else total + t
-            return 2.0 * coef * total  # = -2 Re sum tr(A^{-1} A(u)) + const
-
-        return autograd_link_force(surrogate, links)
+        # 2 coef sum tr(F W) = -2 Re sum tr(A^{-1} A(u)) + const
+        return clover_contraction_force(links, w, 2.0 * coef)
 
 
 def check_hasenbusch(kappa: float, hasenbusch, key: str = "theory.hasenbusch") -> list[float]:
