@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from gaugeflow.lattice.geometry import site_sum
+
 
 class FlowLayer(nn.Module, metaclass=ABCMeta):
     """A bijection ``x -> y`` with ``forward(x) = (y, log|det dy/dx|)`` and
@@ -50,6 +52,24 @@ class Flow(FlowLayer):
             y, ld = layer.inverse(y)
             logdet = logdet + ld
         return y, logdet
+
+
+class SiteLogDetLayer(FlowLayer):
+    """A layer given by ``transform(x, inverse) -> (y, per-site log|det J|)``, shape
+    ``(batch, *L)``; forward and inverse sum the sites through the geometry (whole-lattice sums
+    on a decomposed lattice)."""
+
+    @abstractmethod
+    def transform(self, x: torch.Tensor, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map x (or invert it); return the result and the log|det J| of every site."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, ld = self.transform(x, inverse=False)
+        return y, site_sum(ld.flatten(1), (1,))
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, ld = self.transform(y, inverse=True)
+        return x, site_sum(ld.flatten(1), (1,))
 
 
 class FlowModel(nn.Module):

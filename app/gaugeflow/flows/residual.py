@@ -66,12 +66,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from gaugeflow.flows.base import FlowLayer
+from gaugeflow.flows.base import SiteLogDetLayer
 from gaugeflow.flows.masks import GaugeMask
 from gaugeflow.groups import Group, get_group
 from gaugeflow.groups.matrix import dagger, mul, trace
 from gaugeflow.lattice import shift
-from gaugeflow.lattice.geometry import site_sum
 from gaugeflow.observables.loops import plaquette
 
 __all__ = ["LOOP_TYPES", "FixedPointError", "ResidualCoupling", "staple_paths"]
@@ -162,7 +161,7 @@ def _phi_matrix(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(big)[..., :n, n:]
 
 
-class ResidualCoupling(FlowLayer):
+class ResidualCoupling(SiteLogDetLayer):
     """One residual (stout-like) layer; see the module docstring.
 
     Args:
@@ -348,11 +347,3 @@ class ResidualCoupling(FlowLayer):
         site = ld.new_zeros(links.shape[0], *self.link_mask.shape)
         site[:, self.link_mask] = ld
         return self._scatter(links, new), site
-
-    def forward(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, ld = self.transform(links, inverse=False)
-        return out, site_sum(ld.flatten(1), (1,))
-
-    def inverse(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, ld = self.transform(links, inverse=True)
-        return out, site_sum(ld.flatten(1), (1,))

@@ -87,12 +87,11 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from gaugeflow.flows.base import FlowLayer
+from gaugeflow.flows.base import SiteLogDetLayer
 from gaugeflow.flows.masks import GaugeMask
 from gaugeflow.flows.splines import rational_quadratic_spline
 from gaugeflow.groups import SU, Group, get_group
 from gaugeflow.groups.matrix import dagger, trace
-from gaugeflow.lattice.geometry import site_sum
 from gaugeflow.observables.loops import plaquette
 
 __all__ = [
@@ -314,7 +313,7 @@ class _SpectralRotation(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------- layer
-class SUNPlaquetteCoupling(FlowLayer):
+class SUNPlaquetteCoupling(SiteLogDetLayer):
     """One SU(N) gauge-equivariant spectral coupling (Boyda et al. 2008.05456); see the module docstring.
 
     Args:
@@ -423,11 +422,3 @@ class SUNPlaquetteCoupling(FlowLayer):
         site_logdet = logdet.new_zeros(links.shape[0], *mask.shape)
         site_logdet[:, mask] = logdet
         return out, site_logdet
-
-    def forward(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, ld = self.transform(links, inverse=False)
-        return out, site_sum(ld.flatten(1), (1,))
-
-    def inverse(self, links: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, ld = self.transform(links, inverse=True)
-        return out, site_sum(ld.flatten(1), (1,))
