@@ -231,14 +231,20 @@ def _listify(v):
     return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
+def _model_builder(node, theory) -> tuple[str, Callable, dict[str, Any]]:
+    """``(_target_, builder, keys)`` of a model node (an older ``kind:`` node upgraded), the keys
+    checked against the builder's signature."""
+    target, keys = spec_of(upgrade_model(_plain(node), theory), "model")
+    fn = locate(target, "model")
+    check_keys(fn, keys, "model", given=MODEL_GIVEN, what=f"model ({target})")
+    return target, fn, keys
+
+
 def resolved_model_spec(node, theory) -> dict:
     """The model node in full: ``_target_`` and every key of its builder (given, else the
     builder's default, with ``resolve_keys`` filling what depends on the theory), as checkpoints
     record it. Unknown keys are a :class:`UsageError` naming them."""
-    spec = upgrade_model(_plain(node), theory)
-    target, keys = spec_of(spec, "model")
-    fn = locate(target, "model")
-    check_keys(fn, keys, "model", given=MODEL_GIVEN, what=f"model ({target})")
+    target, fn, keys = _model_builder(node, theory)
     full = {**defaults_of(fn, given=MODEL_GIVEN), **keys}
     hook = getattr(fn, "resolve_keys", None)
     if hook is not None:
@@ -249,10 +255,7 @@ def resolved_model_spec(node, theory) -> dict:
 def build_model(node, theory, dtype):
     """The flow a model node describes for ``theory``, in ``dtype`` (a builder ``(theory, dtype,
     **keys) -> nn.Module``; docs/extending.md). Raises :class:`UsageError` naming the key."""
-    spec = upgrade_model(_plain(node), theory)
-    target, keys = spec_of(spec, "model")
-    fn = locate(target, "model")
-    check_keys(fn, keys, "model", given=MODEL_GIVEN, what=f"model ({target})")
+    _, fn, keys = _model_builder(node, theory)
     try:
         return fn(theory, dtype, **keys)
     except (ValueError, TypeError) as err:
