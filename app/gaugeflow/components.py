@@ -8,8 +8,8 @@ is built, so a misspelt key fails at start-up with one line naming it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from gaugeflow.errors import UsageError
 
