@@ -228,6 +228,8 @@ def upgrade_model(spec: dict, theory=None) -> dict:
 
 
 def _listify(v):
+    if isinstance(v, Mapping):  # a nested node (e.g. the joint model's gauge_keys)
+        return {k: _listify(x) for k, x in v.items()}
     return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 

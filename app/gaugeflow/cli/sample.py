@@ -42,6 +42,7 @@ from gaugeflow.cli.restore import restore_config, restore_model, sha256_file, tr
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
 from gaugeflow.distributed.init import DistConf
 from gaugeflow.exact import reference_values
+from gaugeflow.fermions.fields import JointField, links_of
 from gaugeflow.io.ensemble import EnsembleWriter, parse_compression
 from gaugeflow.io.provenance import provenance
 from gaugeflow.components import instantiate_node
@@ -68,6 +69,10 @@ class SampleConf:
     max_time: Optional[str] = None  # seconds or HH:MM:SS from the job's start; null: no limit
     compression: Optional[str] = None  # HDF5 filter: gzip, gzip:<level>, lzf; null: none
     progress: bool = True
+    # theories with dynamical fermions (docs/fermions.md): pion correlator and chiral condensate of
+    # every draw; the pseudofermion fields of a joint model as the dataset `pseudofermion`
+    fermion_measurements: bool = True
+    keep_pseudofermion: bool = False
 
 
 @dataclass
@@ -189,6 +194,7 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
     exact = reference_values(theory)
 
     gen = torch.Generator(device=device).manual_seed(par.seed(int(cfg.seed)))
+    meas_gen = torch.Generator(device=device).manual_seed(_imh_seed(par.seed(int(cfg.seed)) + 1))
     chain = None
     if s.method != "reweight":
         node = s.get("sampler") if s.get("sampler") is not None else IMH
@@ -211,6 +217,9 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
     n, bs = int(s.n), int(s.batch_size)
     world = par.world if par.active else 1
     rank = par.rank if par.active else 0
+    fermion = _fermion_plan(s, theory, model, world)
+    if fermion:
+        attrs.update(fermion_measurements=fermion["measure"], joint_model=fermion["joint"])
     log_w_parts: list[torch.Tensor] = []
     series: dict[str, list[np.ndarray]] = {}
     carried: dict[str, torch.Tensor] | None = None  # rank 0: the chain's current scalars
@@ -238,29 +247,43 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
             b = min(mine * world, n - done)  # proposals kept this step: rank r's block is rows r*mine ...
             keep = max(0, min(mine, b - rank * mine))
             x, log_q = model.sample(mine, gen)
+            phi = x.phi if fermion and fermion["joint"] else None
+            x = links_of(x)
             # weights and observables in float64 on the configurations as drawn, each rank its own
             x64 = x.to(theory.field_dtype(torch.float64))
-            # the distribution of the links (pseudofermions: the marginal S_G - log det(D^dagger D))
-            action = marginal_action(theory, x64).double()
-            obs = {k: v.double() for k, v in theory.measure(x64, flow_time).items()}
-            obs_names = list(obs)
-            scalars = torch.stack([log_q.double(), action, *obs.values()], 1)
-            if par.active:  # only per-configuration scalars travel, in rank order, trimmed to what is kept
-                scalars = par.gather_replicas(scalars)
-            scalars = scalars[:b]
+            if phi is not None:  # a joint model: the joint action S_G + phi^dagger (D^dagger D)^-1 phi
+                parts = theory.action.joint_parts(JointField(x64, phi.to(x64.dtype)))
+                action = (parts["gauge_action"] + parts["pseudofermion_action"]).double()
+            else:
+                # the distribution of the links (pseudofermions: the marginal S_G - log det(D^dagger D))
+                action = marginal_action(theory, x64).double()
+                parts = _marginal_parts(theory, x64, action) if fermion else {}
+            values = {"log_q": log_q.double(), "action": action, **{k: v.double() for k, v in parts.items()},
+                      **{k: v.double() for k, v in theory.measure(x64, flow_time).items()}}
+            if fermion and fermion["measure"]:
+                # stochastic estimators draw from their own stream: measuring never changes the proposals
+                values.update({k: v.double() for k, v in theory.action.measurements(x64, meas_gen).items()})
+            # only per-configuration values travel, in rank order, trimmed to what is kept
+            values = _gather_rows(par, values, b)
             current = None
             if par.is_main:
-                log_q_all, action_all = scalars[:, 0], scalars[:, 1]
+                log_q_all, action_all = values["log_q"], values["action"]
                 log_w = -action_all - log_q_all
                 log_w_parts.append(log_w.cpu())
                 cols = {"log_q": log_q_all, "log_p": -action_all, "action": action_all,
-                        **{k: scalars[:, 2 + i] for i, k in enumerate(obs_names)}}
+                        **{k: v for k, v in values.items() if k not in ("log_q", "action")}}
+                if phi is not None:
+                    # the file keeps links: their marginal action is not computed, the weight is the joint one
+                    del cols["action"]
+                if phi is not None and fermion["keep"]:
+                    cols["pseudofermion"] = phi[:b]
                 if chain is not None:
                     accepted, current = chain.step(log_w)
                     # the chain's states: rejected steps repeat the previous configuration with its
                     # own log q and log p (the bookkeeping NeuMC got wrong)
                     cols = {k: gather_chain(current, done, v, None if carried is None else carried[k])
                             for k, v in cols.items()}
+
                     carried = {k: v[-1:] for k, v in cols.items()}
                     cols["accepted"] = accepted
                     cols["proposal"] = current
@@ -273,7 +296,7 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
             out.append(fields, b, mine, cols if par.is_main else None)
             if par.is_main:
                 for k, v in cols.items():
-                    if k not in ("log_q", "log_p", "action", "proposal"):
+                    if k not in ("log_q", "log_p", "action", "proposal", "pseudofermion") and v.ndim == 1:
                         series.setdefault(k, []).append(v.detach().cpu().double().numpy())
             done += b
             step_seconds = time.monotonic() - ts
@@ -297,6 +320,44 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
     write_summary(summary)
     _report(theory, s.method, summary, names, ck, seconds, reason, out, flow_time)
     return summary
+
+
+def _fermion_plan(s, theory, model, world: int) -> dict | None:
+    """What a theory with dynamical fermions adds to the file (None for other theories)."""
+    from gaugeflow.flows.joint import JointModel
+
+    act = theory.action
+    joint = isinstance(getattr(model, "module", model), JointModel)
+    keep = bool(s.keep_pseudofermion)
+    if not hasattr(act, "fermion_logdet"):
+        require(not keep, "sample.keep_pseudofermion=true: this theory has no pseudofermions")
+        return None
+    require(not keep or joint, "sample.keep_pseudofermion=true: this model draws no pseudofermions (a joint model "
+                               "does: model=joint with theory.fermions=pseudofermion)")
+    require(not keep or world == 1, "sample.keep_pseudofermion=true is written by single-process runs (dist=none)")
+    return {"joint": joint, "keep": keep, "measure": bool(s.fermion_measurements)}
+
+
+def _marginal_parts(theory, links: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``gauge_action`` and ``fermion_logdet`` of draws whose marginal ``action`` was computed."""
+    sg = theory.action.gauge_action(links).double()
+    return {"gauge_action": sg, "fermion_logdet": sg - action}
+
+
+def _gather_rows(par, values: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:
+    """Per-configuration values (``(batch, ...)`` each) of every rank in rank order, the first ``b``
+    rows (one collective for all of them; rows of several values, e.g. a correlator, travel flat)."""
+    shapes = {k: v.shape[1:] for k, v in values.items()}
+    flat = torch.cat([v.reshape(v.shape[0], -1) for v in values.values()], 1)
+    if par.active:
+        flat = par.gather_replicas(flat)
+    flat = flat[:b]
+    out, i = {}, 0
+    for k, shape in shapes.items():
+        w = math.prod(shape)
+        out[k] = flat[:, i:i + w].reshape(flat.shape[0], *shape)
+        i += w
+    return out
 
 
 def _broadcast_indices(par, current: torch.Tensor | None, b: int, device) -> torch.Tensor:
@@ -490,14 +551,15 @@ class VirtualEnsembleWriter:
                 self.runs[r].append((self.n + r * block, self.part_rows[r], k))
                 self.part_rows[r] += k
         for name, val in columns.items():
-            v = np.asarray(val.detach().cpu().numpy() if torch.is_tensor(val) else val).reshape(b)
+            v = np.asarray(val.detach().cpu().numpy() if torch.is_tensor(val) else val)
+            v = v.reshape(b, *v.shape[1:]) if v.ndim > 1 else v.reshape(b)  # (b, ...): e.g. a correlator
             if name not in self.columns:
                 if self.n:
                     raise ValueError(f"column {name!r} appeared after {self.n} configurations")
                 filters = {} if self.compression[0] is None else {
                     "compression": self.compression[0], "compression_opts": self.compression[1], "shuffle": True}
-                self.columns[name] = self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=v.dtype,
-                                                              chunks=True, **filters)
+                self.columns[name] = self.file.create_dataset(name, shape=(0, *v.shape[1:]), maxshape=(None, *v.shape[1:]),
+                                                              dtype=v.dtype, chunks=True, **filters)
             ds = self.columns[name]
             ds.resize(self.n + b, axis=0)
             ds[self.n:] = v

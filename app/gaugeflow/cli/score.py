@@ -38,6 +38,8 @@ from gaugeflow.cli.report import Row, estimate_text, ess_row, khat_row, table, w
 from gaugeflow.cli.sample import target_line, target_record, write_summary
 from gaugeflow.cli.schema import LatticeConf, ModelConf, TheoryConf
 from gaugeflow.exact import reference_values
+from gaugeflow.fermions.fields import JointField
+from gaugeflow.flows.joint import JointModel
 from gaugeflow.io.ensemble import EnsembleError, read_ensemble
 from gaugeflow.io.provenance import provenance
 from gaugeflow.sampling.hmc import marginal_action
@@ -93,14 +95,26 @@ def run_score(cfg: DictConfig) -> dict:
     log_q = np.empty(n, dtype=np.float64)
     log_p = np.empty(n, dtype=np.float64)
     show = bool(cfg.score.progress) and sys.stdout.isatty()
+    joint = isinstance(model, JointModel)
     with h5py.File(ens.path, "r") as f, progress_bar(show, math.ceil(n / bs), "score") as bar, torch.no_grad():
         ds = f[ens.field_name]
+        # a joint model scores (links, pseudofermion) pairs where the file keeps them, else the links
+        # with its gauge flow against the links' marginal
+        pf = f["pseudofermion"] if joint and "pseudofermion" in f else None
         for i in range(0, n, bs):
             x = torch.from_numpy(np.asarray(ds[i:i + bs])).to(device)
+            x64 = x.to(theory.field_dtype(torch.float64))
             # the action in float64 whatever the file holds; log q in score.dtype
-            # (a theory with pseudofermions: the links' marginal S_G - log det(D^dagger D), dense)
-            log_p[i:i + bs] = (-marginal_action(theory, x.to(theory.field_dtype(torch.float64)))).double().cpu().numpy()
-            log_q[i:i + bs] = model.log_prob(x.to(theory.field_dtype(dtype))).double().cpu().numpy()
+            if pf is not None:
+                phi = torch.from_numpy(np.asarray(pf[i:i + bs])).to(device)
+                log_p[i:i + bs] = (-theory.action.joint_action(JointField(x64, phi.to(x64.dtype)))).double().cpu().numpy()
+                fields = JointField(x.to(theory.field_dtype(dtype)), phi.to(theory.field_dtype(dtype)))
+                log_q[i:i + bs] = model.log_prob(fields).double().cpu().numpy()
+            else:
+                # (a theory with pseudofermions: the links' marginal S_G - log det(D^dagger D), dense)
+                log_p[i:i + bs] = (-marginal_action(theory, x64)).double().cpu().numpy()
+                flow = model.gauge if joint else model
+                log_q[i:i + bs] = flow.log_prob(x.to(theory.field_dtype(dtype))).double().cpu().numpy()
             bar.advance()
 
     diff = log_p - log_q
@@ -113,7 +127,9 @@ def run_score(cfg: DictConfig) -> dict:
     summary.update(_weights(diff, stored_w))
     ck_sha = sha256_file(ck.path)
     summary["target_changes"] = target_record(cfg, ck)
-    summary["log_q_vs_ensemble"] = _log_q_check(ens, log_q, ck_sha)
+    # a joint model's stored log q is the joint density: comparable only where the pairs were scored
+    summary["log_q_vs_ensemble"] = _log_q_check(ens, log_q, ck_sha) if not joint or "pseudofermion" in ens.columns \
+        else None
     if "log_z" in exact:
         summary["log_z_exact"] = exact["log_z"]
         summary["forward_kl"] = {"mean": est.mean - exact["log_z"], "err": est.err}

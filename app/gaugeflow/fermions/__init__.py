@@ -11,7 +11,7 @@ from gaugeflow.fermions.determinant import (
     slogdet_evenodd,
 )
 from gaugeflow.fermions.evenodd import EvenOdd
-from gaugeflow.fermions.fields import fermion_shape, gaussian_fermion, inner, norm2
+from gaugeflow.fermions.fields import JointField, cat_fields, fermion_shape, gaussian_fermion, inner, links_of, norm2
 from gaugeflow.fermions.force import (
     autograd_link_force,
     determinant_force,
@@ -50,6 +50,9 @@ from gaugeflow.fermions.wilson import (
 )
 
 __all__ = [
+    "JointField",
+    "cat_fields",
+    "links_of",
     "BOUNDARIES",
     "MAX_DENSE_UNKNOWNS",
     "EvenOdd",

@@ -69,7 +69,7 @@ def phi4_theory(shape, m2: float | None = None, lam: float | None = None, form: 
 def wilson_nf2_theory(shape, group: str, beta: float, kappa: float, fermions: str = "exact",
                       csw: float | None = None, boundary: str = "antiperiodic", nf: int = 2, action: str = "wilson",
                       c1: float | None = None, even_odd: bool = False, hasenbusch=None,
-                      mixed_precision: bool = False) -> Theory:
+                      mixed_precision: bool = False, logdet: str = "dense", logdet_noise: int = 1) -> Theory:
     """Gauge theory with Nf = 2 degenerate Wilson(-clover) fermions (:mod:`gaugeflow.theories.fermionic`):
     the Schwinger model (U(1), 2d) and 2-flavour QCD (SU(3), 4d). ``fermions``: ``exact`` (dense
     determinant, small lattices) or ``pseudofermion``; ``csw``: clover coefficient (4d only);
@@ -79,13 +79,20 @@ def wilson_nf2_theory(shape, group: str, beta: float, kappa: float, fermions: st
     ``even_odd`` (pseudofermions on the even sites, even extents), ``hasenbusch`` (mass
     preconditioning kappas ``kappa_1 < ... < kappa_n < kappa``, one pseudofermion per factor) and
     ``mixed_precision`` (complex64 inner CG, float64 residuals). They change the algorithm, not the
-    distribution of the links, and are not recorded in ``Theory.params``."""
+    distribution of the links, and are not recorded in ``Theory.params``.
+
+    ``logdet``: how training takes ``log det(D^dagger D)`` for marginal flows: ``dense`` (the exact
+    value and its autograd gradient) or ``stochastic`` (its gradient from ``logdet_noise`` Gaussian
+    vectors and one CG solve each, :class:`~gaugeflow.theories.fermionic.StochasticMarginalAction`);
+    a training choice, not part of the target either."""
     from gaugeflow.fermions import BOUNDARIES, MAX_DENSE_UNKNOWNS, WilsonFermions
     from gaugeflow.fermions.monomials import check_hasenbusch
     from gaugeflow.theories.fermionic import (
         FERMIONS,
+        LOGDET,
         Nf2ExactAction,
         PseudofermionAction,
+        StochasticMarginalAction,
         dense_unknowns,
     )
 
@@ -133,7 +140,13 @@ def wilson_nf2_theory(shape, group: str, beta: float, kappa: float, fermions: st
     else:
         act = PseudofermionAction(theory.action, wf, even_odd=even_odd, hasenbusch=hasenbusch,
                                   mixed_precision=mixed_precision)
+    if logdet not in LOGDET:
+        raise ValueError(f"theory.logdet must be one of {list(LOGDET)}, got {logdet!r}")
+    if isinstance(logdet_noise, bool) or not isinstance(logdet_noise, int) or logdet_noise < 1:
+        raise ValueError(f"theory.logdet_noise must be an integer >= 1, got {logdet_noise!r}")
     theory.action = act
+    if logdet == "stochastic":
+        theory.train_action = StochasticMarginalAction(act, logdet_noise)
     theory.params.update(kappa=kappa, nf=int(nf), fermions=str(fermions), csw=csw, boundary=str(boundary))
     return theory
 

@@ -30,12 +30,14 @@ approximation (RHMC), left for later, as is twisted mass.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
 
 from gaugeflow.fermions import (
     MAX_DENSE_UNKNOWNS,
+    JointField,
     WilsonFermions,
     determinant_force,
     log_det_normal,
@@ -50,6 +52,8 @@ from gaugeflow.fermions.monomials import (
 from gaugeflow.theories.gauge import GaugeAction
 
 FERMIONS = ("exact", "pseudofermion")
+#: how training takes the determinant of a marginal flow's target (``theory.logdet``)
+LOGDET = ("dense", "stochastic")
 
 
 class _FermionicAction:
@@ -115,6 +119,12 @@ class Nf2ExactAction(_FermionicAction):
 
     fermions_kind = "exact"
 
+    def __call__(self, links: torch.Tensor) -> torch.Tensor:
+        if isinstance(links, JointField):
+            raise ValueError("a joint model draws pseudofermions: it needs theory.fermions=pseudofermion "
+                             "(this is theory.fermions=exact)")
+        return super().__call__(links)
+
     def fermion_action(self, links: torch.Tensor) -> torch.Tensor:
         return -self.fermion_logdet(links)
 
@@ -145,13 +155,44 @@ class PseudofermionAction(_FermionicAction):
     fermions_kind = "pseudofermion"
 
 
-    def __call__(self, links: torch.Tensor) -> torch.Tensor:
-        """The action of the links' own distribution, ``S_G - log det(D^dagger D)`` (dense: small
-        lattices): what flows learn and what files record as ``action``. HMC's Hamiltonian is
-        ``gauge_action + fermion_action`` with the pseudofermions of the trajectory, and
-        :meth:`force` is that Hamiltonian's force."""
-        sg = self.gauge(links)
-        return sg - self.fermion_logdet(links).to(sg.dtype)
+    def __call__(self, fields) -> torch.Tensor:
+        """For links: the action of the links' own distribution, ``S_G - log det(D^dagger D)``
+        (dense: small lattices), what marginal flows learn and what files record as ``action``.
+        For a :class:`~gaugeflow.fermions.JointField` ``(U, phi)``: the joint action ``S_G(U) +
+        phi^dagger (D^dagger D)^{-1} phi`` (:meth:`joint_action`), what joint flows learn. HMC's
+        Hamiltonian is ``gauge_action + fermion_action`` with the pseudofermions of the trajectory,
+        and :meth:`force` is that Hamiltonian's force."""
+        if isinstance(fields, JointField):
+            return self.joint_action(fields)
+        sg = self.gauge(fields)
+        return sg - self.fermion_logdet(fields).to(sg.dtype)
+
+    def joint_action(self, fields: JointField) -> torch.Tensor:
+        """``S_G(U) + phi^dagger (D^dagger D)^{-1} phi`` per configuration, differentiable in the
+        links and in ``phi`` (one CG solve each, :func:`gaugeflow.fermions.gradients.pseudofermion_action`).
+
+        The joint density ``exp(-S)`` integrates over ``phi`` to ``pi^n det(D^dagger D) exp(-S_G)``
+        (``n`` complex components): the links' marginal, times a constant.
+        """
+        from gaugeflow.fermions.gradients import pseudofermion_action
+
+        if self.even_odd or self.hasenbusch:
+            raise ValueError("joint models draw one full-lattice pseudofermion: they need theory.even_odd=false "
+                             "and theory.hasenbusch=[]")
+        t0 = time.perf_counter()
+        # the solve in float64 whatever the model's dtype: a complex64 CG cannot reach tol ~ 1e-10
+        op = self.fermions.operator(fields.links.to(torch.complex128))
+        s, iters = pseudofermion_action(op, fields.phi.to(torch.complex128), tol=self.tol, maxiter=self.maxiter)
+        self._count(iters, time.perf_counter() - t0)
+        sg = self.gauge(fields.links)
+        return sg + s.to(sg.dtype)
+
+    def joint_parts(self, fields: JointField) -> dict[str, torch.Tensor]:
+        """``gauge_action`` and ``pseudofermion_action`` of joint configurations (no graph)."""
+        with torch.no_grad():
+            sg = self.gauge(fields.links)
+            return {"gauge_action": sg, "pseudofermion_action": self.joint_action(fields) - sg}
+
     def __init__(self, gauge: GaugeAction, fermions: WilsonFermions, tol: float = 1e-10, maxiter: int = 10_000,
                  max_unknowns: int = MAX_DENSE_UNKNOWNS, even_odd: bool = False, hasenbusch=(),
                  mixed_precision: bool = False):
@@ -259,6 +300,41 @@ class PseudofermionAction(_FermionicAction):
             self._count(st["cg_iterations"], st["solve_seconds"])
             out[m.name] = st
         return out
+
+
+class StochasticMarginalAction:
+    """The training action of marginal flows with ``theory.logdet=stochastic``: its value is the
+    gauge action ``S_G`` and its gradient that of ``S_G - log det(D^dagger D)`` in expectation,
+    the log-determinant's gradient estimated with ``n_noise`` Gaussian vectors and one CG solve
+    each (:func:`gaugeflow.fermions.gradients.stochastic_logdet`): no dense matrix, so marginal
+    flows train where the dense determinant is out of reach.
+
+    ``exact_value = False`` tells the trainer that per-batch ESS and free energy from this value
+    would describe another target (the trainer leaves them empty); the final evaluation and the
+    samplers use the theory's exact action. Joint configurations get the (exact) joint action.
+    The noise comes from torch's global generator of the links' device (seeded by the job).
+    """
+
+    exact_value = False
+
+    def __init__(self, action: _FermionicAction, n_noise: int = 1):
+        if int(n_noise) < 1:
+            raise ValueError(f"theory.logdet_noise must be >= 1, got {n_noise}")
+        self.action, self.n_noise = action, int(n_noise)
+
+    def __call__(self, fields) -> torch.Tensor:
+        from gaugeflow.fermions.gradients import stochastic_logdet
+
+        if isinstance(fields, JointField):
+            return self.action(fields)
+        act = self.action
+        t0 = time.perf_counter()
+        # in float64 whatever the model's dtype (a complex64 CG cannot reach tol ~ 1e-10)
+        est, iters = stochastic_logdet(act.fermions.operator(fields.to(torch.complex128)), None, self.n_noise,
+                                       tol=act.tol, maxiter=act.maxiter)
+        act._count(iters, time.perf_counter() - t0)
+        sg = act.gauge(fields)
+        return sg - est.to(sg.dtype)
 
 
 def dense_unknowns(shape, group_n: int) -> int:

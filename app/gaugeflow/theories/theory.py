@@ -27,6 +27,14 @@ class Theory:
     action: Any
     group: Group | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    #: what training differentiates, where it is not ``action`` (e.g. a stochastic estimate of a
+    #: fermion determinant's gradient); samplers and evaluations always use ``action``
+    train_action: Any = None
+
+    @property
+    def training_action(self):
+        """The action the trainer's losses call: ``train_action`` if set, else ``action``."""
+        return self.action if self.train_action is None else self.train_action
 
     @property
     def is_gauge(self) -> bool:

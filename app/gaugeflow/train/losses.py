@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
+from gaugeflow.errors import UsageError
+
+#: the baselines of :func:`reinforce` (``loss.baseline``)
+BASELINES = ("loo", "none")
+
 
 @dataclass
 class LossOutput:
@@ -45,6 +50,50 @@ def path_gradient(model, action, batch_size: int, generator: torch.Generator | N
     score = model.log_prob(x.detach())
     loss = (log_q + s - score + score.detach()).mean()
     return LossOutput(loss, log_q.detach(), s.detach(), x.detach())
+
+
+def reinforce(model, action, batch_size: int, generator: torch.Generator | None = None,
+              baseline: str = "loo") -> LossOutput:
+    """Reverse KL by the score-function (REINFORCE) estimator (Białas, Korcyl & Stebel 2202.01314, 2308.13294).
+
+    ``grad KL(q||p) = E_q[(log q(x) + S(x) - b) grad_theta log q_theta(x)]`` for any ``b`` that does
+    not depend on the draw it multiplies. ``x`` is drawn without a graph, ``S`` is evaluated
+    without one (nothing is back-propagated through the action: for fermion targets no
+    determinant is differentiated), and one inverse pass ``model.log_prob(x)`` carries the graph.
+    ``baseline="loo"``: ``b_i`` is the mean of ``f = log q + S`` over the other draws of the batch
+    (leave-one-out: unlike the plain batch mean, which includes draw i and shrinks the gradient
+    by (n-1)/n, it keeps the estimator unbiased; it needs ``batch_size >= 2``). It also removes
+    any constant in S (an unknown log Z). ``"none"``: b = 0.
+
+    The value is the free-energy bound ``mean(log q + S)``, as for :func:`reverse_kl`; only the
+    gradient differs.
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"loss.baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    if baseline == "loo" and batch_size < 2:
+        raise UsageError(f"loss=reinforce with loss.baseline=loo needs >= 2 draws per micro-batch for its "
+                         f"leave-one-out baseline, got {batch_size} (raise train.micro_batch_size, or "
+                         "train.batch_size when it is not set)")
+    owner = getattr(action, "__self__", action)  # a bound method: the action object it belongs to
+    if not getattr(action, "exact_value", getattr(owner, "exact_value", True)):
+        # e.g. theory.logdet=stochastic: the value is S_G alone, only the gradient is the target's
+        raise UsageError("loss=reinforce weights the score by the action's value, and this training action "
+                         "gives only its gradient (theory.logdet=stochastic): use theory.logdet=dense, "
+                         "theory.fermions=pseudofermion or another loss")
+    with torch.no_grad():
+        x, log_q = model.sample(batch_size, generator)
+        s = action(x)
+        f = log_q + s
+        if baseline == "loo":
+            # (sum_j f_j - f_i) / (n - 1): independent of draw i, so E[b_i grad log q(x_i)] = 0
+            weight = f - (f.sum() - f) / (batch_size - 1)
+        else:
+            weight = f
+    score = model.log_prob(x)
+    surrogate = (weight.to(score.dtype) * score).mean()
+    # the value is the bound (comparable with reverse_kl in logs); the gradient is the surrogate's
+    loss = surrogate - surrogate.detach() + f.mean()
+    return LossOutput(loss, log_q, s, x)
 
 
 def forward_kl(model, data: torch.Tensor, batch_size: int, generator: torch.Generator | None = None) -> LossOutput:
@@ -88,6 +137,22 @@ class PathGradient(Loss):
 
     def __call__(self, model, action, batch_size, generator=None):
         return path_gradient(model, action, batch_size, generator)
+
+
+class Reinforce(Loss):
+    """Reverse KL by the REINFORCE (score-function) estimator (Białas, Korcyl & Stebel 2202.01314, 2308.13294).
+
+    No backward pass through the sampler or the action; ``baseline`` is ``"loo"`` (leave-one-out
+    mean over the micro-batch, unbiased, >= 2 draws per micro-batch) or ``"none"``.
+    """
+
+    def __init__(self, baseline: str = "loo"):
+        if baseline not in BASELINES:
+            raise ValueError(f"loss.baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        self.baseline = baseline
+
+    def __call__(self, model, action, batch_size, generator=None):
+        return reinforce(model, action, batch_size, generator, self.baseline)
 
 
 class ForwardKL(Loss):

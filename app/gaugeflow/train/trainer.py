@@ -42,6 +42,7 @@ from gaugeflow.distributed.fsdp import clip_grad_norm
 from gaugeflow.distributed.init import DistContext, PeerFailure
 from gaugeflow.distributed.parallel import Parallel
 from gaugeflow.errors import Diverged, UsageError, require
+from gaugeflow.fermions.fields import cat_fields, links_of
 from gaugeflow.io.checkpoint import (
     checkpoint_path,
     remove_stale_temporaries,
@@ -308,7 +309,8 @@ class Trainer:
     def _run(self, stop, stop_reason: str) -> dict:
         t, par, sched, opt = self.settings, self.parallel, self.schedule, self.optimizer
         batch, micro, max_time = self.batch, self.micro, t.max_time
-        action = self.theory.action
+        # what the losses differentiate (a stochastic fermion determinant, if the theory asks for it)
+        action = getattr(self.theory, "training_action", None) or self.theory.action
         reason, in_a_row, done_here, stopped = "completed", 0, 0, False
         t0 = time.monotonic()  # this invocation's steps (rates); budgets count from start_time
         start = self.start_time if self.start_time is not None else t0
@@ -471,7 +473,7 @@ def accumulated_step(model, opt, loss_fn, action, batch: int, micro: int, gen, c
         loss=torch.stack([o.loss.detach() for o in outs]).mean(),
         log_q=torch.cat([o.log_q for o in outs]),
         action=torch.cat([o.action for o in outs]),
-        samples=torch.cat([o.samples for o in outs]) if outs[0].samples is not None else None,
+        samples=cat_fields([o.samples for o in outs]) if outs[0].samples is not None else None,
     )
     if not finite:
         return merged, torch.tensor(math.nan)
@@ -492,6 +494,10 @@ def batch_metrics(step, out, loss_fn, model, theory, par: Parallel, device, seed
         with torch.no_grad():
             samples, log_q = model.sample(min(batch, 256), g)
             s = theory.action(samples)
+    if not getattr(getattr(theory, "training_action", None), "exact_value", True):
+        # the training value is not the target's action (a stochastic determinant gradient): its
+        # weights would describe another distribution, so the batch's physics columns stay empty
+        s = torch.full_like(log_q, math.nan)
     # the global batch: per-sample values of every data-parallel replica
     log_q, s = par.gather_replicas(log_q.double()), par.gather_replicas(s.double())
     loss = par.gather_replicas(out.loss.detach().double().reshape(1)).mean()
@@ -507,7 +513,7 @@ def _mean_plaquette(theory, samples) -> float:
         return math.nan
     from gaugeflow.observables import mean_plaquette
 
-    return mean_plaquette(samples).mean().item()
+    return mean_plaquette(links_of(samples)).mean().item()
 
 
 def peak_memory_mb(device: torch.device) -> float:
