@@ -387,3 +387,30 @@ def test_dense_size_guard_names_the_lattice():
     small = WilsonDirac(_hot("u1", (4, 4), batch=1), 0.1)
     with pytest.raises(ValueError, match="more than the limit 16"):
         small.dense(max_unknowns=16)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_stencil_equals_direction_by_direction_reference(case):
+    """The all-hops stencil (neighbour table, and the shift path a domain context takes) equals the
+    direction-by-direction spin-projected hop through ``shift``, for D, D^dagger and D^dagger D."""
+    from gaugeflow.fermions.wilson import from_internal, to_internal
+    from gaugeflow.lattice.geometry import use_shift
+
+    group, shape, kappa, csw, boundary = case
+    op = WilsonDirac(_hot(group, shape, batch=3, seed=7), kappa, csw, boundary)
+    psi = _field(op, seed=8)
+    p = to_internal(psi)
+    hop = from_internal(op._hop_reference(p))
+    site = op.site_term(psi)
+    d_ref = site - kappa * hop
+    g5 = op.gamma5
+    dd_ref = g5(op.site_term(g5(psi)) - kappa * from_internal(op._hop_reference(to_internal(g5(psi)))))
+    scale = psi.abs().max()
+    for roll in (False, True):
+        ctx = use_shift(lambda f, mu, n: torch.roll(f, -n, 1 + mu)) if roll else torch.enable_grad()
+        with ctx:
+            assert (op.hop(psi) - hop).abs().max() <= ROUND * scale
+            assert (op.apply(psi) - d_ref).abs().max() <= ROUND * scale
+            assert (op.apply_dagger(psi) - dd_ref).abs().max() <= ROUND * scale
+            assert (op.normal(psi) - op.apply_dagger(op.apply(psi))).abs().max() <= ROUND * scale
+            assert (from_internal(op._apply(p)) - d_ref).abs().max() <= ROUND * scale

@@ -422,6 +422,9 @@ class TwoFlavourMonomial(_PseudofermionMonomial):
         m = self.matrix(links.detach())
         eta = m.from_packed(_noise(m.noise_shape, generators, m.dtype, m.device))
         self.phi = m.apply_dagger(eta)
+        # S(U, phi) at the links of the refresh is |eta|^2 exactly (phi^dagger (M^dagger M)^{-1} phi with
+        # phi = M^dagger eta): the trajectory's start action, no solve needed
+        self.refresh_action = inner(eta, eta).real
         return self.phi
 
     def action(self, links: torch.Tensor) -> torch.Tensor:
@@ -463,6 +466,9 @@ class HasenbuschRatioMonomial(_PseudofermionMonomial):
         eta = m.from_packed(_noise(m.noise_shape, generators, m.dtype, m.device))
         # phi = M^{-dagger} w with w = N^dagger eta, and M^{-dagger} = M (M^dagger M)^{-1}
         self.phi = m.apply(self.solve(m, n.apply_dagger(eta)))
+        # S = phi^dagger M (N^dagger N)^{-1} M^dagger phi = |eta|^2 at the links of the refresh (to the
+        # solver's tolerance of phi)
+        self.refresh_action = inner(eta, eta).real
         return self.phi
 
     def action(self, links: torch.Tensor) -> torch.Tensor:

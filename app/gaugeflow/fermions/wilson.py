@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
 import torch
 
 from gaugeflow.fermions.fields import fermion_shape
-from gaugeflow.fermions.gamma import SpinMonomial, n_spin, sigma_munu
+from gaugeflow.fermions.gamma import SpinMonomial, gamma_matrices, n_spin, sigma_munu
 from gaugeflow.lattice import shift
-from gaugeflow.lattice.geometry import global_shape, local_origin
+from gaugeflow.lattice.geometry import _SHIFT_IMPL, global_shape, local_origin
 from gaugeflow.observables.topology import clover_field_strength
 from gaugeflow.observables.wilson import link_dims
 
@@ -59,6 +58,30 @@ BOUNDARIES = ("antiperiodic", "periodic")
 MAX_DENSE_UNKNOWNS = 4096
 
 
+
+class _from_links:
+    """A cached property for tensors derived from the links, with their graph: one first computed
+    without autograd (inside a CG solve, say) holds no graph, so it is recomputed the first time it is
+    asked for with autograd on and differentiable links (a stale copy would silently cut the links'
+    gradient)."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        cache = obj.__dict__.setdefault("_from_links_cache", {})
+        graph = torch.is_grad_enabled() and obj.links.requires_grad
+        hit = cache.get(self.name)
+        if hit is None or (graph and not hit[1]):
+            hit = cache[self.name] = (self.fn(obj), graph)
+        return hit[0]
+
 def colour_mul(u: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     """``(U psi)[..., s, i] = sum_j U[..., i, j] psi[..., s, j]``; ``u`` ``(..., N, N)``, ``psi`` ``(..., S, N)``."""
     if u.shape[-1] == 1:
@@ -73,11 +96,22 @@ def colour_mul_dag(u: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     return torch.matmul(psi, u.conj())
 
 
-# ----------------------------------------------------------------------------- spin-colour-major layout
-# Inside the operator fields are held as (batch, S, C, *L) and colour matrices as (batch, C, C, *L):
-# the site axes innermost and contiguous, so a colour product is C broadcast multiply-adds over
-# long site vectors (as the colour-major kernels of gaugeflow.groups.matrix), 2x faster than a
-# batched matmul of (S x C)(C x C) blocks. Public methods take and return (batch, *L, S, C).
+# ----------------------------------------------------------------------------- layouts
+# The hopping term is one stencil over all 2d hops at once (WilsonDirac._stencil):
+#   1. spin projection of every hop k = (direction mu, sign): h_k = P_k psi, P_k = the upper half of
+#      (1 -+ gamma_mu) (rank S/2 in the chiral bases here), all 2d of them as one small matmul;
+#   2. the colour products g_k(y) = W_k(y) h_k(y) with links precomputed once per operator, W_k(y) =
+#      U_mu(y - mu) for the forward hop and U_mu(y)^dagger for the backward one;
+#   3. the neighbours (H psi)(x) = sum_k R_k g_k(x + e_k), R_k the reconstruction of the full spinor
+#      of (1 -+ gamma_mu) from its upper half: one gather of all 2d shifted fields (a neighbour
+#      table built once through gaugeflow.lattice.shift) and one matmul that reconstructs, sums the
+#      hops and adds the site term. Inside a domain context (lattice.use_shift) the gather is 2d
+#      calls of gaugeflow.lattice.shift instead, so a halo exchange sees ordinary site fields.
+# gamma_5 is diagonal (+1 upper, -1 lower), so D^dagger = gamma_5 D gamma_5 is the same stencil with
+# gamma_5 folded into P and R. For SU(N) fields are held spin-colour-major, (batch, S, C, *L), the
+# site axes innermost, so a colour product is C broadcast multiply-adds over long site vectors (the
+# colour-major kernels of gaugeflow.groups.matrix); for U(1) (C = 1) the public layout
+# (batch, *L, S, 1) is used as is and the colour product is one complex multiply per site and hop.
 
 
 def to_internal(psi: torch.Tensor) -> torch.Tensor:
@@ -157,9 +191,16 @@ class WilsonDirac:
         self.u = boundary_links(links, boundary)
         self._gammas, self._g5, sigmas = SpinMonomial.basis(d)
         self._proj = [_projector_indices(g, d, links.dtype, links.device) for g in self._gammas]
-        # internal layout (see to_internal): U_mu and U_mu^dagger as (batch, N, N, *L)
-        self._u_in = [_matrices_internal(self.u[:, mu]) for mu in range(d)]
-        self._udag_in = [_matrices_internal(self.u[:, mu].conj().transpose(-1, -2)) for mu in range(d)]
+        # the stencil (layout notes above): projections P (2d S/2, S), reconstructions R (S, 2d S/2);
+        # -kappa R for D, and both with gamma_5 folded in for D^dagger
+        p_mat, r_mat = _stencil_spin_matrices(d, links.dtype, links.device)
+        g5 = torch.diagonal(self._g5.matrix).to(dtype=links.dtype, device=links.device)
+        self._spin = {
+            "hop": (p_mat, r_mat),
+            "apply": (p_mat, -self.kappa * r_mat),
+            "dagger": (p_mat * g5, -self.kappa * g5[:, None] * r_mat),
+        }
+        self._single = _SHIFT_IMPL.get() is None  # built on a whole single-process lattice
         # [(mu, nu, sigma_{mu nu}, F_{mu nu})] for mu < nu, F in the internal layout
         self._clover: list[tuple[int, int, SpinMonomial, torch.Tensor]] = []
         if self.csw != 0.0:
@@ -168,6 +209,7 @@ class WilsonDirac:
                 self._clover.append((mu, nu, sig, _matrices_internal(f)))
         self._site_matrices: torch.Tensor | None = None
         self._site_blocks: torch.Tensor | None = None
+        self._site_blocks_sm: torch.Tensor | None = None
         if self._clover:
             # A is block diagonal in chirality (sigma_{mu nu} maps upper onto upper spin components):
             # two (S/2 * N)-square blocks per site, (batch, 2, K, K, *L) in the internal layout
@@ -175,6 +217,7 @@ class WilsonDirac:
             a = self.site_matrices()
             blocks = torch.stack([a[..., :k, :k], a[..., k:, k:]], dim=-3)  # (batch, *L, 2, K, K)
             self._site_blocks = blocks.movedim((-3, -2, -1), (1, 2, 3)).contiguous()
+            self._site_blocks_sm = blocks.reshape(blocks.shape[0], -1, 2, k, k) if n == 1 else None
 
     # -- facts ------------------------------------------------------------------------------
     @property
@@ -230,7 +273,7 @@ class WilsonDirac:
     def hop(self, psi: torch.Tensor) -> torch.Tensor:
         """Hopping term ``H psi`` (module docstring), boundary signs included."""
         self._check(psi)
-        return from_internal(self._hop(to_internal(psi)))
+        return self._public(psi, ("hop",), site=False)
 
     def clover(self, psi: torch.Tensor) -> torch.Tensor:
         """``C psi = sum_{mu,nu} sigma_{mu nu} F_{mu nu} psi = 2 sum_{mu<nu} sigma_{mu nu} F_{mu nu} psi`` (matrix-free)."""
@@ -248,22 +291,149 @@ class WilsonDirac:
     def apply(self, psi: torch.Tensor) -> torch.Tensor:
         """``D psi = A psi - kappa H psi``."""
         self._check(psi)
-        return from_internal(self._apply(to_internal(psi)))
+        return self._public(psi, ("apply",), site=True)
 
     __call__ = apply
 
     def apply_dagger(self, psi: torch.Tensor) -> torch.Tensor:
         """``D^dagger psi = gamma_5 D gamma_5 psi``."""
         self._check(psi)
-        return from_internal(self._apply_dagger(to_internal(psi)))
+        return self._public(psi, ("dagger",), site=True)
 
     def normal(self, psi: torch.Tensor) -> torch.Tensor:
         """``D^dagger D psi`` (hermitian positive definite for kappa below its critical value)."""
         self._check(psi)
-        return from_internal(self._apply_dagger(self._apply(to_internal(psi))))
+        return self._public(psi, ("apply", "dagger"), site=True)
+
+    def _public(self, psi: torch.Tensor, stages: tuple[str, ...], site: bool) -> torch.Tensor:
+        """The stencil stages applied in turn to a public ``(batch, *L, S, C)`` field."""
+        if self.n_colour == 1:
+            x = psi.reshape(-1, self.n_spin)
+            for st in stages:
+                x = self._stencil_scalar(x, *self._spin[st], site)
+            return x.view(psi.shape)
+        p = to_internal(psi)
+        for st in stages:
+            p = self._stencil(p, *self._spin[st], site)
+        return from_internal(p)
 
     # the same on internal (batch, S, C, *L) fields
     def _hop(self, p: torch.Tensor) -> torch.Tensor:
+        return self._stencil(p, *self._spin["hop"], site=False)
+
+    def _apply(self, p: torch.Tensor) -> torch.Tensor:
+        return self._stencil(p, *self._spin["apply"], site=True)
+
+    def _apply_dagger(self, p: torch.Tensor) -> torch.Tensor:
+        return self._stencil(p, *self._spin["dagger"], site=True)
+
+    # -- the stencil (layout notes at the top of the module) --------------------------------------
+    def _gather_ok(self) -> bool:
+        """Whether the neighbour table may replace :func:`gaugeflow.lattice.shift` (plain periodic
+        shifts on a whole lattice, at construction and now)."""
+        return self._single and _SHIFT_IMPL.get() is None
+
+    def _hops(self):
+        """``[(mu, n)]`` of the 2d hops: ``k = 2 mu`` forward ``(mu, +1)``, ``k = 2 mu + 1`` backward ``(mu, -1)``."""
+        return [(mu, n) for mu in range(self.d) for n in (1, -1)]
+
+    @_from_links
+    def _neighbours(self) -> torch.Tensor:
+        """``(2d, V)``: the site index of ``x + e_k`` for every hop k (built through :func:`shift`)."""
+        v = math.prod(self.lattice_shape)
+        site = torch.arange(v, device=self.device).view(1, *self.lattice_shape)
+        return torch.stack([shift(site, mu, n).reshape(v) for mu, n in self._hops()])
+
+    @_from_links
+    def _neighbour_rows(self) -> torch.Tensor:
+        """``(V 2d,)``: row ``x 2d + k`` of a site-major ``(V, 2d)`` field is read from row ``(x + e_k) 2d + k``."""
+        k2 = 2 * self.d
+        return (self._neighbours * k2 + torch.arange(k2, device=self.device)[:, None]).T.reshape(-1).contiguous()
+
+    @_from_links
+    def _stencil_links(self) -> torch.Tensor:
+        """``W_k`` colour-major ``(batch, 2d, N, N, V)``: ``U_mu(y - mu)`` (forward hops, whose product
+        is then moved from y to x = y - mu) and ``U_mu(y)^dagger`` (backward ones, moved to x = y + mu)."""
+        ws = []
+        for mu, n in self._hops():
+            u = _matrices_internal(self.u[:, mu])
+            ws.append(_shift_internal(u, mu, -1) if n > 0 else u.conj().transpose(1, 2))
+        w = torch.stack(ws, dim=1)
+        return w.reshape(*w.shape[:4], -1).contiguous()
+
+    @_from_links
+    def _stencil_phases(self) -> torch.Tensor:
+        """U(1): ``W_k`` as ``(batch, V, 2d)`` complex numbers (site-major)."""
+        ws = []
+        for mu, n in self._hops():
+            u = self.u[:, mu, ..., 0, 0]
+            ws.append(shift(u, mu, -1) if n > 0 else u.conj())
+        w = torch.stack(ws, dim=-1)
+        return w.reshape(w.shape[0], -1, w.shape[-1]).contiguous()
+
+    def _stencil(self, p: torch.Tensor, proj: torch.Tensor, recon: torch.Tensor, site: bool) -> torch.Tensor:
+        """``site(p) + sum_k R_k W_k(x + e_k) P_k p(x + e_k)`` on an internal ``(batch, S, C, *L)`` field
+        (``site``: add the site term ``A p``; without it the plain hop sum).
+
+        One direction (a forward and a backward hop) at a time: its two projections as one matmul,
+        the colour products of both, the two shifts, and the reconstruction accumulated by a matmul
+        (temporaries of one field's size)."""
+        b, s, c = p.shape[:3]
+        lat = p.shape[3:]
+        v = math.prod(lat)
+        half = s // 2
+        flat = p.reshape(b, s, c * v)
+        w = self._stencil_links  # (b, 2d, C, C, V), hops (mu, +), (mu, -) adjacent
+        out = self._site(p).reshape(b, s, c * v) if site else None
+        for mu in range(self.d):
+            rows = slice(2 * mu * half, (2 * mu + 2) * half)
+            h = torch.matmul(proj[rows], flat).view(b, 2, half, c, v)
+            wm = w[:, 2 * mu : 2 * mu + 2]
+            g = wm[:, :, None, :, 0] * h[:, :, :, 0:1]
+            for j in range(1, c):
+                g.addcmul_(wm[:, :, None, :, j], h[:, :, :, j : j + 1])
+            g = g.view(b, 2, half * c, *lat)
+            # g_k(x + e_k), spin and colour folded into the batch axis of the shift
+            moved = torch.stack([shift(g[:, 0].reshape(-1, *lat), mu, 1), shift(g[:, 1].reshape(-1, *lat), mu, -1)])
+            moved = moved.view(2, b, half, c * v).transpose(0, 1).reshape(b, 2 * half, c * v)
+            r = recon[:, rows].expand(b, s, 2 * half)
+            if out is None:
+                out = torch.bmm(r, moved)
+            elif mu == 0:
+                out = torch.baddbmm(out, r, moved)
+            else:
+                out.baddbmm_(r, moved)
+        return out.view(p.shape)
+
+    def _stencil_scalar(self, x: torch.Tensor, proj: torch.Tensor, recon: torch.Tensor, site: bool) -> torch.Tensor:
+        """U(1): :meth:`_stencil` on a public field flattened to ``(batch * V, S)``, site-major."""
+        s, k2 = self.n_spin, 2 * self.d
+        half = s // 2
+        w = self._stencil_phases  # (b, V, 2d)
+        b, v = w.shape[:2]
+        h = torch.matmul(x, proj.T).view(b, v, k2, half)
+        g = h * w[..., None]
+        if self._gather_ok():
+            g = g.view(b, v * k2, half).index_select(1, self._neighbour_rows)
+        else:
+            g = g.view(b, *self.lattice_shape, k2, half)
+            g = torch.stack([shift(g[..., k, :], mu, n) for k, (mu, n) in enumerate(self._hops())], dim=-2)
+        g = g.reshape(b * v, k2 * half)
+        if site:
+            return torch.addmm(self._site_scalar(x), g, recon.T)
+        return torch.matmul(g, recon.T)
+
+    def _site_scalar(self, x: torch.Tensor) -> torch.Tensor:
+        """U(1): ``A x`` on a field flattened to ``(batch * V, S)``."""
+        a = self._site_blocks_sm
+        if a is None:
+            return x
+        k = a.shape[-1]
+        return torch.matmul(a, x.view(*a.shape[:3], k, 1)).view(x.shape)
+
+    def _hop_reference(self, p: torch.Tensor) -> torch.Tensor:
+        """The hopping term direction by direction on an internal field, through :func:`shift` (the
+        tests compare the stencil with it)."""
         # Spin projection: (1 -+ gamma_mu) has rank S/2, and in the chiral bases used here every
         # gamma_mu maps the upper spin components onto the lower ones. Hence y = (1 - gamma) x
         # is fixed by its upper half h = x_up - (gamma x)_up, with y_low = -(gamma h)_low (as
@@ -302,11 +472,15 @@ class WilsonDirac:
             out = out.addcmul_(a[:, :, :, j], q[:, :, j : j + 1])
         return out.view(p.shape)
 
-    def _apply(self, p: torch.Tensor) -> torch.Tensor:
-        return self._site(p) - self.kappa * self._hop(p)
+    @_from_links
+    def _u_in(self) -> list[torch.Tensor]:
+        """``U_mu`` as ``(batch, N, N, *L)`` (internal layout; the half-lattice stencil uses it)."""
+        return [_matrices_internal(self.u[:, mu]) for mu in range(self.d)]
 
-    def _apply_dagger(self, p: torch.Tensor) -> torch.Tensor:
-        return self._g5(self._apply(self._g5(p, dim=1)), dim=1)
+    @_from_links
+    def _udag_in(self) -> list[torch.Tensor]:
+        """``U_mu^dagger`` as ``(batch, N, N, *L)``."""
+        return [_matrices_internal(self.u[:, mu].conj().transpose(-1, -2)) for mu in range(self.d)]
 
     # -- site-local matrices (clover) --------------------------------------------------------
     def site_matrices(self) -> torch.Tensor:
@@ -395,6 +569,27 @@ def _projector_indices(gamma: SpinMonomial, d: int, dtype: torch.dtype, device: 
         perm[half:].to(device),
         phase[half:].to(dtype=dtype, device=device).view(shape),
     )
+
+
+def _stencil_spin_matrices(d: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(P, R)`` of the stencil's 2d hops (``k = 2 mu``: forward, ``1 - gamma_mu``; ``k = 2 mu + 1``: backward, ``1 + gamma_mu``).
+
+    ``y = (1 + s gamma) x`` (s = -+1) is fixed by its upper half ``h = P_k x = (1 + s gamma)[:S/2] x``:
+    ``gamma y = s y`` and gamma maps the upper onto the lower half in the chiral bases here, so
+    ``y_low = s gamma[S/2:, :S/2] h`` and ``y = R_k h`` with ``R_k = [1; s gamma[S/2:, :S/2]]``.
+    Returns ``P`` ``(2d S/2, S)`` (rows k-major) and ``R`` ``(S, 2d S/2)``."""
+    g = gamma_matrices(d, dtype=torch.complex128, device="cpu")
+    s_n = g.shape[-1]
+    half = s_n // 2
+    if bool(g[:, :half, :half].abs().any()) or bool(g[:, half:, half:].abs().any()):
+        raise ValueError("spin projection needs gammas that map upper onto lower spin components (a chiral basis)")
+    eye = torch.eye(s_n, dtype=torch.complex128, device="cpu")
+    ps, rs = [], []
+    for mu in range(d):
+        for sign in (-1.0, 1.0):
+            ps.append((eye + sign * g[mu])[:half])
+            rs.append(torch.cat([eye[:half, :half], sign * g[mu][half:, :half]]))
+    return torch.cat(ps).to(dtype=dtype, device=device), torch.cat(rs, dim=1).to(dtype=dtype, device=device)
 
 
 def kron_spin_colour(s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -240,13 +240,16 @@ class HMC:
         s, _ = self._action(fields)
         return self.kinetic(p) + s, s
 
-    def _action(self, fields: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``S`` and, for a fermionic action, its parts (their sum is ``action(fields)``, bit for bit)."""
+    def _action(self, fields: torch.Tensor, fresh: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``S`` and, for a fermionic action, its parts (their sum is ``action(fields)``, bit for bit).
+        ``fresh``: the pseudofermions were just drawn at ``fields``, whose fermion action is then
+        known without a solve (``refresh_fermion_action``)."""
         act = self.theory.action
         if not has_parts(act):
             return act(fields), {}
         sg = act.gauge_action(fields)
-        sf = act.fermion_action(fields).to(sg.dtype)
+        known = getattr(act, "refresh_fermion_action", None) if fresh else None
+        sf = (known(fields) if known is not None else act.fermion_action(fields)).to(sg.dtype)
         return sg + sf, {"gauge_action": sg, "fermion_action": sf}
 
     def refresh(self, fields: torch.Tensor) -> None:
@@ -266,7 +269,7 @@ class HMC:
         (pseudofermions, where it has ``refresh``), the Metropolis uniform."""
         p0 = self.momenta(fields)
         self.refresh(fields)
-        s0, parts0 = self._action(fields)
+        s0, parts0 = self._action(fields, fresh=True)
         h0 = self.kinetic(p0) + s0
         new, p1 = self.integrate(fields, p0)
         if self.theory.is_gauge:

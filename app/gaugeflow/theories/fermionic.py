@@ -274,6 +274,17 @@ class PseudofermionAction(_FermionicAction):
     def pseudofermion_action(self, links: torch.Tensor) -> torch.Tensor:
         return self.fermion_action(links)
 
+    def refresh_fermion_action(self, links: torch.Tensor) -> torch.Tensor:
+        """:meth:`fermion_action` at the links of the last :meth:`refresh`, without its solves: a
+        heat-bath monomial's action there is its noise's ``|eta|^2`` (exactly; the solve would
+        reproduce it to the CG tolerance). Valid only until the links move."""
+        total = None
+        for m in self.monomials:
+            s = getattr(m, "refresh_action", None)
+            s = m.action(links) if s is None else s
+            total = s if total is None else total + s
+        return total
+
     def monomial_actions(self, links: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{name: S_k}`` per monomial."""
         return {m.name: m.action(links) for m in self.monomials}
