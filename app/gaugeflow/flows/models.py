@@ -105,16 +105,28 @@ def u1_equivariant(theory, dtype: torch.dtype = torch.float32, *, n_layers: int 
 
 def sun_spectral(theory, dtype: torch.dtype = torch.float32, *, n_layers: int | None = None,
                  hidden: Sequence[int] = (32, 32), kernel_size: int = 3, activation: str = "leaky_relu",
-                 zero_init: bool = False, n_bins: int = 8) -> FlowModel:
+                 zero_init: bool = False, n_bins: int = 8, active_loop: str = "plaquette",
+                 loops: Sequence[str] = ("plaquette", "rectangle"), loop_mix: float = 0.9, context: str = "conv",
+                 lcnn_channels: Sequence[int] = (4, 4), lcnn_reach: int = 1) -> FlowModel:
     """Spectral (conjugation-equivariant) SU(N) plaquette couplings (Boyda et al. 2008.05456):
-    splines move the eigenphases of active plaquettes, eigenvectors fixed."""
+    splines move the eigenphases of active loops, eigenvectors fixed. ``active_loop=learned``: the
+    loop is ``U_mu(x)`` times a learned SU(N) projection of a sum of frozen staples (``loops``,
+    weights bounded by ``loop_mix``); ``context=lcnn``: the context networks are L-CNNs of the
+    frozen links (``lcnn_channels``, ``lcnn_reach``, then a ConvNet head of ``hidden``); see
+    :mod:`gaugeflow.flows.sun` and :mod:`gaugeflow.flows.lcnn`."""
+    from gaugeflow.flows.lcnn import check_context, lcnn_factory
     from gaugeflow.flows.sun import SUNPlaquetteCoupling
 
     if not theory.is_gauge or theory.group.N < 2:
         raise ValueError(f"model=sun_spectral needs an SU(N) gauge theory, got {theory.name}")
-    net = _nets(theory, hidden, kernel_size, activation, zero_init)
+    SUNPlaquetteCoupling.check_active_loop(active_loop)
+    if check_context(context) == "lcnn":
+        net = lcnn_factory(theory.lattice.ndim, lcnn_channels, lcnn_reach, hidden, kernel_size, activation, zero_init)
+    else:
+        net = _nets(theory, hidden, kernel_size, activation, zero_init)
     schedule = gauge_mask_schedule(theory.lattice.shape)
-    layers = [SUNPlaquetteCoupling.build(schedule[i % len(schedule)], theory.group, net, n_bins=n_bins)
+    layers = [SUNPlaquetteCoupling.build(schedule[i % len(schedule)], theory.group, net, n_bins=n_bins,
+                                         active_loop=active_loop, loops=tuple(loops), loop_mix=loop_mix)
               for i in range(_check_layers(gauge_layers(theory, n_layers)))]
     prior = HaarPrior(theory.group, theory.lattice.shape, dtype=_complex(dtype))
     return FlowModel(prior, Flow(layers)).to(dtype)
@@ -135,16 +147,22 @@ LEGACY_KINDS = {name: f"gaugeflow.flows.models.{name}" for name in ("affine", "s
 def residual(theory, dtype: torch.dtype = torch.float32, *, n_layers: int | None = None,
              hidden: Sequence[int] = (16, 16), kernel_size: int = 3, activation: str = "leaky_relu",
              zero_init: bool = False, loops: Sequence[str] = ("plaquette", "rectangle"), max_step: float = 0.9,
-             tol: float | None = None, max_iter: int = 1000) -> FlowModel:
+             tol: float | None = None, max_iter: int = 1000, context: str = "conv",
+             lcnn_channels: Sequence[int] = (4, 4), lcnn_reach: int = 1) -> FlowModel:
     """Residual (stout-like) gauge flows for U(1) and SU(N) (Abbott et al. 2401.10874, after Lüscher
     0907.5491): ``U -> exp(P(U sum_k c_k S_k)) U`` on the active links of the mask schedule, loops
     through exactly one active link, ``sum_k |c_k| < max_step < 1`` (invertible), exact per-link
-    log-det, fixed-point inverse (``tol``, ``max_iter``); see :mod:`gaugeflow.flows.residual`."""
+    log-det, fixed-point inverse (``tol``, ``max_iter``); see :mod:`gaugeflow.flows.residual`.
+    ``context=lcnn``: L-CNN context networks of the frozen links (:mod:`gaugeflow.flows.lcnn`)."""
+    from gaugeflow.flows.lcnn import check_context, lcnn_factory
     from gaugeflow.flows.residual import ResidualCoupling
 
     if not theory.is_gauge:
         raise ValueError(f"model=residual needs a gauge theory, got {theory.name}")
-    net = _nets(theory, hidden, kernel_size, activation, zero_init)
+    if check_context(context) == "lcnn":
+        net = lcnn_factory(theory.lattice.ndim, lcnn_channels, lcnn_reach, hidden, kernel_size, activation, zero_init)
+    else:
+        net = _nets(theory, hidden, kernel_size, activation, zero_init)
     schedule = gauge_mask_schedule(theory.lattice.shape)
     layers = [ResidualCoupling(schedule[i % len(schedule)], theory.group, net, loops=tuple(loops),
                                max_step=max_step, tol=tol, max_iter=max_iter)

@@ -19,7 +19,8 @@ transverse to mu are dropped, they hold two active links), so ``M`` is fixed whi
 the map is per link. Loops: ``plaquette`` (2 (d - 1) staples), ``rectangle`` (2x1 with the long
 side along mu, 4 (d - 1)), ``chair`` (bent 6-link loops, d > 2; those with two active links
 dropped). The coefficients ``c_k(x)`` come from a context network of gauge-invariant traces of
-*frozen* plaquettes; ``Z`` transforms as ``Omega(x) Z Omega(x)^dagger``, so the layer is gauge
+*frozen* plaquettes (or, ``model.context=lcnn``, an L-CNN of the frozen links,
+:mod:`gaugeflow.flows.lcnn`); ``Z`` transforms as ``Omega(x) Z Omega(x)^dagger``, so the layer is gauge
 equivariant and its log-Jacobian gauge invariant.
 
 Bound (invertibility)
@@ -195,6 +196,9 @@ class ResidualCoupling(SiteLogDetLayer):
         self.planes = list(mask.frozen)
         self.register_buffer("link_mask", mask.links.clone(), persistent=False)
         self.register_buffer("frozen", torch.stack([mask.frozen[p] for p in self.planes]), persistent=False)
+        frozen_links = torch.ones((d, *mask.links.shape), dtype=torch.bool, device=mask.links.device)
+        frozen_links[mask.mu] = ~mask.links
+        self.register_buffer("frozen_links", frozen_links, persistent=False)
         # keep the staples whose links are all frozen: no U_mu(x + r) with x and x + r both active
         act = mask.links[None]
         self.staples: list[tuple[str, tuple[Step, ...]]] = []
@@ -244,9 +248,17 @@ class ResidualCoupling(SiteLogDetLayer):
                     pk = pk @ p
         return torch.stack(feats, dim=1)
 
+    def net_output(self, links: torch.Tensor) -> torch.Tensor:
+        """The context network's raw output ``(batch, n_staples, *L)``, from frozen links only: a net with
+        ``takes_links = True`` (:class:`gaugeflow.flows.lcnn.LCNN`, ``model.context=lcnn``) reads the links
+        with the active ones masked out, any other net the invariant features of :meth:`context`."""
+        if getattr(self.net, "takes_links", False):
+            return self.net(links, self.frozen_links)
+        return self.net(self.context(links))
+
     def coefficients(self, links: torch.Tensor) -> torch.Tensor:
         """Bounded coefficients ``c`` ``(batch, A, n_staples)`` at the active sites (the bound is checked)."""
-        raw = self.net(self.context(links)).movedim(1, -1)[:, self.link_mask]
+        raw = self.net_output(links).movedim(1, -1)[:, self.link_mask]
         if raw.shape[-1] != len(self.staples):
             raise ValueError(f"net gives {raw.shape[-1]} channels, {self.name} has {len(self.staples)} staples")
         c = self.max_step * raw / (1 + raw.abs().sum(-1, keepdim=True))

@@ -62,6 +62,34 @@ Exactly degenerate active plaquettes (``J = 0``, e.g. a cold start) are a null s
 stays finite there (``J`` is clamped to the smallest normal number) and fixes such points
 when the flow is the identity, but the log-determinant there is not the limiting value.
 
+Learned active loops
+--------------------
+With ``active_loop="learned"`` the loop whose spectrum is transformed is no longer the plaquette
+but ``W = U_mu(x) S~(x)`` with a learned staple
+
+    S~ = Pi( S_0 + sum_{k>0} c_k(x) S_k ),     Pi(M) = Q e^{-i arg det Q / N},  M = Q H (polar),
+
+``S_0`` the (mu, nu) plaquette staple (so ``U S_0 = P_{mu nu}(x)``) and ``S_k`` further staples of
+``U_mu(x)`` (paths from ``x + mu`` back to ``x``: the other plaquette staples, the 2x1 loops long
+along mu, chairs in d > 2; :func:`gaugeflow.flows.residual.staple_paths`). The staples enter only
+if they hold **no updated link** (no ``U_mu(y)`` with y in ``mask.links``; checked on the mask when
+the layer is built, see :func:`active_loop_staples`; with the masks of :mod:`gaugeflow.flows.masks`
+every plaquette and 2x1 staple passes, chairs that cross the mask plane twice are dropped), and the
+real coefficients ``c_k`` come from the context network of frozen, gauge-invariant features. So
+``S~`` is fixed while ``U_mu(x)`` moves, ``W`` holds the active link once, ``U -> W = U S~`` is a right
+translation (Haar invariant), and the spectral map ``W -> W'`` with ``U' = W' S~^dagger`` has exactly the
+log-det above. ``S~`` transforms as ``Omega(x + mu) S~ Omega(x)^dagger`` (the polar factor is
+covariant and ``det Q`` invariant), so ``W`` is conjugated at x and the layer stays equivariant.
+
+The coefficients are bounded, ``c_k = b r_k / (1 + sum_j |r_j|)`` with the network outputs ``r`` and
+``b = loop_mix sin(pi / N)``, ``0 < loop_mix < 1``. Then ``M = S_0 (1 + X)`` with
+``||X||_2 <= sum |c_k| < b < 1``: ``M`` is invertible (its polar factor unique and smooth, singular
+values ``>= 1 - b``), and each eigenvalue of ``1 + X`` has ``|arg| < arcsin b``, so
+``|arg det Q| < N arcsin b < pi``: the principal branch of ``arg det`` never jumps and ``S~`` is a
+smooth function of the frozen links. Zero network outputs give ``S~ = S_0``, the plaquette
+coupling. The polar factor is differentiated in closed form (:class:`_PolarFactor`, through a
+Sylvester equation with denominators ``s_i + s_j >= 2 (1 - b)``), finite at degenerate singular values.
+
 Gradients
 ---------
 The update ``R = V diag(e^{i delta}) V^dagger`` does not depend on the phases of the columns of ``V``
@@ -81,28 +109,34 @@ every input, identity and centre links included.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from gaugeflow.flows.base import SiteLogDetLayer
+from gaugeflow.flows.lcnn import masked_links
 from gaugeflow.flows.masks import GaugeMask
+from gaugeflow.flows.residual import Step, _path_links, _shift_to, _staple, staple_paths
 from gaugeflow.flows.splines import rational_quadratic_spline
 from gaugeflow.groups import SU, Group, get_group
 from gaugeflow.groups.matrix import dagger, trace
 from gaugeflow.observables.loops import plaquette
 
 __all__ = [
+    "ACTIVE_LOOPS",
     "CanonicalCellSpline",
     "SUNPlaquetteCoupling",
+    "active_loop_staples",
     "canonical_phases",
     "log_weyl_density",
     "phase_shift_from_gaps",
+    "su_projection",
 ]
 
 TWO_PI = 2 * math.pi
+ACTIVE_LOOPS = ("plaquette", "learned")
 
 
 # ----------------------------------------------------------------------------- canonical cell
@@ -312,6 +346,70 @@ class _SpectralRotation(torch.autograd.Function):
         return g_p, g_delta, None, None
 
 
+class _PolarFactor(torch.autograd.Function):
+    """Unitary polar factor ``Q`` of an invertible ``M = Q H`` (``H = (M^dagger M)^{1/2}``), from the SVD.
+
+    Backward in closed form: ``dQ = Q Omega`` with anti-hermitian ``Omega`` solving
+    ``H Omega + Omega H = Q^dagger dM - dM^dagger Q``; in the eigenbasis ``V`` of ``H`` (singular values ``s``)
+    this divides by ``s_i + s_j``, so for an incoming gradient ``G``
+
+        dL/dM = Q V [ (V^dagger (Q^dagger G - G^dagger Q) V) / (s_i + s_j) ] V^dagger.
+
+    No singular vector phase enters and degenerate singular values are harmless (torch's SVD
+    backward is undefined there, e.g. at ``M`` proportional to a unitary).
+    """
+
+    @staticmethod
+    def forward(ctx, m):
+        w, s, vh = torch.linalg.svd(m)
+        q = w @ vh
+        ctx.save_for_backward(q, dagger(vh), s)
+        return q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        q, v, s = ctx.saved_tensors
+        a = dagger(q) @ g
+        k = dagger(v) @ (a - dagger(a)) @ v
+        k = k / (s[..., :, None] + s[..., None, :]).to(k.dtype)
+        return q @ v @ k @ dagger(v)
+
+
+def su_projection(m: torch.Tensor) -> torch.Tensor:
+    """``Pi(M) = Q e^{-i arg det Q / N}``: the unitary polar factor of invertible ``M`` ``(..., N, N)`` with
+    its determinant set to 1 (principal branch; smooth where ``|arg det Q| < pi``, module docstring)."""
+    q = _PolarFactor.apply(m)
+    phase = torch.angle(torch.linalg.det(q))
+    return q * torch.polar(torch.ones_like(phase), -phase / m.shape[-1])[..., None, None]
+
+
+def active_loop_staples(mask: GaugeMask, loops: Sequence[str]) -> list[tuple[Step, ...]]:
+    """Staples of the learned active loop of ``mask``'s links: the (mu, nu) plaquette staple first,
+    then those of :func:`gaugeflow.flows.residual.staple_paths` (``loops``) that hold no updated link.
+
+    A staple of ``U_mu(x)`` passes links ``U_rho(x + r)``; only ``U_mu(y)``, y in ``mask.links``, move,
+    so it is dropped when, for some active x, ``x + r`` is active too (``rho = mu``). Duplicates
+    (the same set of links) are dropped. The mask has period 2, so this is decided on the mask once.
+    """
+    d, mu, nu = mask.links.dim(), mask.mu, mask.nu
+    ref = ((nu, 1), (mu, -1), (nu, -1))  # U_nu(x+mu) U_mu(x+nu)^dagger U_nu(x)^dagger: U S_0 = P_{mu nu}(x)
+    act = mask.links[None]  # shift works on (batch, *L)
+    out, seen = [], set()
+    for steps in [ref] + [st for _, st in staple_paths(d, mu, loops)]:
+        path = _path_links(mu, steps, d)
+        key = frozenset(path)
+        if key in seen:
+            continue
+        if any(rho == mu and bool((act & _shift_to(act, off)).any()) for rho, off in path):
+            if steps == ref:
+                raise ValueError(f"the plaquette staple of mask {mask.offsets} holds an updated link")
+            continue
+        seen.add(key)
+        out.append(steps)
+    return out
+
+
 # ----------------------------------------------------------------------------------- layer
 class SUNPlaquetteCoupling(SiteLogDetLayer):
     """One SU(N) gauge-equivariant spectral coupling (Boyda et al. 2008.05456); see the module docstring.
@@ -319,18 +417,27 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
     Args:
         mask: which links ``U_mu(x)`` are updated (through ``P_{mu nu}(x)``) and which
             plaquettes are frozen (:func:`gaugeflow.flows.masks.gauge_mask`).
-        net: ``(batch, context_channels, *L) -> (batch, param_channels, *L)``, e.g. a
+        net: ``(batch, context_channels, *L) -> (batch, out_channels, *L)``, e.g. a
             :class:`gaugeflow.flows.conv.ConvNet`; ``zero_init=True`` makes the layer the identity.
+            A net with ``takes_links = True`` (:class:`gaugeflow.flows.lcnn.LCNN`) is called as
+            ``net(links, frozen_links)`` instead and reads the frozen links itself.
+            ``out_channels = param_channels + n_mix`` (:meth:`n_mix`: 0 for the plaquette loop).
         group: an SU(N) group or its name (``"su2"``, ``"su3"``, ...).
         n_bins: spline bins per cell coordinate.
         n_cond: cosine features per earlier coordinate in the autoregressive conditioner.
+        active_loop: ``"plaquette"`` (the loop is ``P_{mu nu}(x)``) or ``"learned"`` (module
+            docstring, "Learned active loops").
+        loops: staple types of the learned loop (``plaquette``, ``rectangle``, ``chair``).
+        loop_mix: in (0, 1); bound ``sum_k |c_k| < loop_mix sin(pi / N)`` on the learned staple weights.
 
     Links are complex ``(batch, d, *L, N, N)``. ``forward``/``inverse`` return the links and
     ``log|det J|`` per configuration w.r.t. the normalised Haar measure; :meth:`transform`
     also gives the per-site contributions.
     """
 
-    def __init__(self, mask: GaugeMask, net: nn.Module, group: str | Group, n_bins: int = 8, n_cond: int = 2):
+    def __init__(self, mask: GaugeMask, net: nn.Module, group: str | Group, n_bins: int = 8, n_cond: int = 2,
+                 active_loop: str = "plaquette", loops: Sequence[str] = ("plaquette", "rectangle"),
+                 loop_mix: float = 0.9):
         super().__init__()
         group = get_group(group)
         if not isinstance(group, SU):
@@ -340,8 +447,31 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
         self.planes = list(mask.frozen)
         self.register_buffer("link_mask", mask.links.clone(), persistent=False)
         self.register_buffer("frozen", torch.stack([mask.frozen[p] for p in self.planes]), persistent=False)
+        frozen_links = torch.ones((mask.links.dim(), *mask.links.shape), dtype=torch.bool, device=mask.links.device)
+        frozen_links[mask.mu] = ~mask.links
+        self.register_buffer("frozen_links", frozen_links, persistent=False)
         self.net = net
         self.cell = CanonicalCellSpline(group.N, n_bins, n_cond)
+        self.active_loop = self.check_active_loop(active_loop)
+        self.staples: list[tuple[Step, ...]] = []
+        self.loop_bound = 0.0
+        if self.active_loop == "learned":
+            loop_mix = float(loop_mix)
+            if not 0.0 < loop_mix < 1.0:
+                raise ValueError(f"model.loop_mix must lie in (0, 1), got {loop_mix}")
+            self.staples = active_loop_staples(mask, loops)
+            self.loop_bound = loop_mix * math.sin(math.pi / group.N)
+
+    @staticmethod
+    def check_active_loop(active_loop: str) -> str:
+        if active_loop not in ACTIVE_LOOPS:
+            raise ValueError(f"model.active_loop must be one of {list(ACTIVE_LOOPS)}, got {active_loop!r}")
+        return active_loop
+
+    @property
+    def n_mix(self) -> int:
+        """Network channels that weigh the staples of a learned loop (all but the reference one)."""
+        return max(len(self.staples) - 1, 0)
 
     # sizes of the network's input and output ----------------------------------------------
     @staticmethod
@@ -365,12 +495,18 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
         net_factory: Callable[[int, int], nn.Module],
         n_bins: int = 8,
         n_cond: int = 2,
+        active_loop: str = "plaquette",
+        loops: Sequence[str] = ("plaquette", "rectangle"),
+        loop_mix: float = 0.9,
     ) -> SUNPlaquetteCoupling:
-        """A layer whose network is ``net_factory(context_channels, param_channels)``."""
+        """A layer whose network is ``net_factory(context_channels, param_channels + n_mix)``."""
         group = get_group(group)
         ndim = mask.links.dim()
-        net = net_factory(cls.context_channels(ndim, group.N), cls.param_channels(group.N, n_bins, n_cond))
-        return cls(mask, net, group, n_bins, n_cond)
+        n_mix = 0
+        if cls.check_active_loop(active_loop) == "learned":
+            n_mix = len(active_loop_staples(mask, loops)) - 1
+        net = net_factory(cls.context_channels(ndim, group.N), cls.param_channels(group.N, n_bins, n_cond) + n_mix)
+        return cls(mask, net, group, n_bins, n_cond, active_loop, loops, loop_mix)
 
     # pieces ------------------------------------------------------------------------------
     def context(self, links: torch.Tensor) -> torch.Tensor:
@@ -393,18 +529,45 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
                     pk = pk @ p
         return torch.stack(feats, dim=1)
 
+    def net_output(self, links: torch.Tensor) -> torch.Tensor:
+        """The context network's output ``(batch, out_channels, *L)``, from frozen links only."""
+        if getattr(self.net, "takes_links", False):
+            return self.net(links, self.frozen_links)
+        return self.net(self.context(links))
+
+    def loop_staple(self, links: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """``S~ = Pi(S_0 + sum_k c_k S_k)`` at the active sites ``(batch, A, N, N)`` from the raw network
+        outputs ``raw`` ``(batch, A, n_mix)`` (module docstring); frozen in this layer."""
+        u = masked_links(links, self.frozen_links)  # the staples hold no updated link (checked at build)
+        s = torch.stack([_staple(u, self.mu, steps)[:, self.link_mask] for steps in self.staples], dim=2)
+        m = s[:, :, 0]
+        if self.n_mix:
+            c = self.loop_bound * raw / (1 + raw.abs().sum(-1, keepdim=True))
+            m = m + (c.to(s.dtype)[..., None, None] * s[:, :, 1:]).sum(2)
+        return su_projection(m)
+
+    def active_loops(self, links: torch.Tensor, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """The loops ``W`` whose spectra the layer transforms, at the active sites ``(batch, A, N, N)``."""
+        if self.active_loop == "plaquette":
+            return plaquette(links, self.mu, self.nu)[:, self.link_mask]
+        if raw is None:
+            raw = self.net_output(links).movedim(1, -1)[:, self.link_mask][..., self.cell.n_params:]
+        return links[:, self.mu][:, self.link_mask] @ self.loop_staple(links, raw)
+
     def transform(self, links: torch.Tensor, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(new_links, logdet)`` with the per-site log-determinant ``(batch, *L)`` (zero off the mask)."""
         mu, mask = self.mu, self.link_mask
-        params = self.net(self.context(links)).movedim(1, -1)[:, mask]  # (batch, A, n_params)
-        if params.shape[-1] != self.cell.n_params:
+        out = self.net_output(links).movedim(1, -1)[:, mask]  # (batch, A, n_params + n_mix)
+        n_params = self.cell.n_params
+        if out.shape[-1] != n_params + self.n_mix:
             raise ValueError(
-                f"net gives {params.shape[-1]} channels, the cell flow needs {self.cell.n_params} "
-                f"(SUNPlaquetteCoupling.param_channels)"
+                f"net gives {out.shape[-1]} channels, the cell flow needs {n_params} "
+                f"(SUNPlaquetteCoupling.param_channels) and the active loop {self.n_mix}"
             )
-        # only active plaquettes are diagonalised: cheaper, and degenerate passive ones
+        params = out[..., :n_params]
+        # only active loops are diagonalised: cheaper, and degenerate passive ones
         # cannot poison gradients through masked-out branches
-        p = plaquette(links, mu, self.nu)[:, mask]  # (batch, A, N, N)
+        p = self.active_loops(links, out[..., n_params:])  # (batch, A, N, N)
         phases, vecs = self.group.eig(p)
         theta, perm = canonical_phases(phases)
         # V only enters through R below, whose P-derivative is taken in closed form (module docstring)
@@ -413,7 +576,8 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
         new_gaps, logdet = self.cell(gaps, params, inverse=inverse)
         logdet = logdet + log_weyl_density(new_gaps) - log_weyl_density(gaps)
         # P' P^dagger = V diag(e^{i (theta' - theta)}) V^dagger; the phase change is built from the
-        # gap change so that it sums to zero (det stays 1) and vanishes when the gaps do
+        # gap change so that it sums to zero (det stays 1) and vanishes when the gaps do.
+        # U' = P' P^dagger U = P' S^dagger for the plaquette and for a learned loop alike
         delta = phase_shift_from_gaps(new_gaps - gaps)
         rot = _SpectralRotation.apply(p, delta, vecs, theta.detach())
         u_mu = links[:, mu].clone()
