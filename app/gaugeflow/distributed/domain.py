@@ -103,6 +103,11 @@ def grid_layout(
     return coords, local, origin
 
 
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a lazy conjugation or negation bit materialised (``to_wire`` cannot view those as real)."""
+    return t.resolve_conj().resolve_neg()
+
+
 class _Fetch(torch.autograd.Function):
     """``out[i]`` on the block at grid coordinate ``c`` is ``slabs[i]`` of the block at ``c + qs[i]``
     along ``axis`` (periodic in the grid): every rank sends its slab i to the block ``qs[i]``
@@ -127,7 +132,7 @@ class _SiteAllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, partial, group):
-        out = partial.clone(memory_format=torch.contiguous_format)
+        out = _resolved(partial).clone(memory_format=torch.contiguous_format)
         dist.all_reduce(to_wire(out), group=group)
         return out
 
@@ -222,7 +227,9 @@ class Decomposition:
     # -- communication ----------------------------------------------------------------------
     def _exchange(self, axis: int, qs: Sequence[int], slabs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Send ``slabs[i]`` to the block ``qs[i]`` behind, receive the one ``qs[i]`` ahead: all at once."""
-        sends = [to_wire(s) for s in slabs]
+        # autograd hands the adjoint lazily conjugated / negated views (the backward of a dagger):
+        # gloo needs their values materialised
+        sends = [to_wire(_resolved(s)) for s in slabs]
         recvs = [torch.empty_like(b) for b in sends]
         reqs = []
         for tag, (q, sb, rb) in enumerate(zip(qs, sends, recvs)):
@@ -276,6 +283,18 @@ class Decomposition:
             return partial
         return _SiteAllReduce.apply(partial, self.group)
 
+    def site_max(self, partial: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum of the blocks' ``partial`` over the lattice group (detached; NaN on any
+        block gives NaN: gloo's MAX would drop it)."""
+        partial = partial.detach()
+        if self.lattice_size == 1:
+            return partial
+        nan = torch.isnan(partial)
+        buf = torch.stack([torch.where(nan, torch.full_like(partial, math.inf), partial), nan.to(partial.dtype)])
+        buf = buf.contiguous()
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        return torch.where(buf[1] > 0, torch.full_like(partial, math.nan), buf[0])
+
     # -- whole fields (tests, I/O) ----------------------------------------------------------
     def scatter(self, field: torch.Tensor, lead: int = 1) -> torch.Tensor:
         """This rank's block of a global ``field`` whose lattice axes start at ``lead``
@@ -289,7 +308,7 @@ class Decomposition:
         """The whole field on every rank of the lattice group from each rank's ``block``."""
         if self.lattice_size == 1:
             return block.detach().clone()
-        wire = to_wire(block.detach())
+        wire = to_wire(_resolved(block.detach()))
         bufs = [torch.empty_like(wire) for _ in range(self.lattice_size)]
         dist.all_gather(bufs, wire, group=self.group)
         d = len(self.global_shape)
@@ -345,6 +364,9 @@ class _DomainHooks:
 
     def global_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         return self.decomp.global_shape_of(shape)
+
+    def site_max(self, partial: torch.Tensor) -> torch.Tensor:
+        return self.decomp.site_max(partial)
 
     def origin(self, shape: Sequence[int]) -> tuple[int, ...]:
         return self.decomp.origin_of(shape)

@@ -118,7 +118,14 @@ from torch.autograd.function import once_differentiable
 from gaugeflow.flows.base import SiteLogDetLayer
 from gaugeflow.flows.lcnn import masked_links
 from gaugeflow.flows.masks import GaugeMask
-from gaugeflow.flows.residual import Step, _path_links, _shift_to, _staple, staple_paths
+from gaugeflow.flows.residual import (
+    Step,
+    _LinkShifts,
+    _path_links,
+    _shift_to,
+    _staple,
+    staple_paths,
+)
 from gaugeflow.flows.splines import rational_quadratic_spline
 from gaugeflow.groups import SU, Group, get_group
 from gaugeflow.groups.matrix import dagger, trace
@@ -539,7 +546,8 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
         """``S~ = Pi(S_0 + sum_k c_k S_k)`` at the active sites ``(batch, A, N, N)`` from the raw network
         outputs ``raw`` ``(batch, A, n_mix)`` (module docstring); frozen in this layer."""
         u = masked_links(links, self.frozen_links)  # the staples hold no updated link (checked at build)
-        s = torch.stack([_staple(u, self.mu, steps)[:, self.link_mask] for steps in self.staples], dim=2)
+        shifts = _LinkShifts(u)  # one shift (halo exchange) per distinct link offset, not per staple link
+        s = torch.stack([_staple(u, self.mu, steps, shifts)[:, self.link_mask] for steps in self.staples], dim=2)
         m = s[:, :, 0]
         if self.n_mix:
             c = self.loop_bound * raw / (1 + raw.abs().sum(-1, keepdim=True))

@@ -14,8 +14,13 @@ The other hooks a decomposition (:mod:`gaugeflow.distributed.domain`) installs w
 block's sites into the sum over the whole lattice, :func:`global_shape` gives the extents
 of the whole lattice (volumes and means divide by them), and :func:`coordinates` counts
 from the block's global origin, so checkerboards and coupling masks built for a block
-are the global ones restricted to it. Without a domain all of them are the plain
-single-process operations.
+are the global ones restricted to it, and :func:`site_max` makes a decision for the whole
+configuration (convergence of a fixed-point solve, a bound check that raises) the same on
+every block. Without a domain all of them are the plain single-process operations.
+
+``shift`` and ``pad`` take any depth: a loop or receptive field that reaches ``n`` sites asks
+for ``shift(f, mu, n)`` or ``pad(f, mu, n)``, and a decomposed lattice fetches that many sites
+(from several blocks if ``n`` exceeds a block); no layer needs a halo of its own.
 """
 
 from __future__ import annotations
@@ -46,6 +51,11 @@ class Domain(Protocol):
 
     def global_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Extents of the whole lattice whose block has extents ``shape``."""
+
+    def site_max(self, partial: torch.Tensor) -> torch.Tensor:
+        """The whole lattice's maximum from this block's maximum (not differentiable; NaN wins).
+
+        Optional: a domain without it makes :func:`site_max` the block's own maximum."""
 
     def origin(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Global coordinates of the first site of the block of extents ``shape``."""
@@ -158,6 +168,20 @@ def site_sum(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     partial = x.sum(dims) if dims else x
     domain = _DOMAIN.get()
     return partial if domain is None else domain.site_reduce(partial)
+
+
+def site_max(partial: torch.Tensor) -> torch.Tensor:
+    """Complete this block's maximum ``partial`` (any shape, elementwise) into the whole lattice's.
+
+    For decisions that must be taken for the whole configuration and identically on every rank
+    of a decomposed lattice (the convergence test of a fixed-point solve, a bound check that
+    raises): a NaN on any block gives NaN everywhere. Not differentiable (the result is detached);
+    the identity (detached) without a domain.
+    """
+    domain = _DOMAIN.get()
+    partial = partial.detach()
+    fn = None if domain is None else getattr(domain, "site_max", None)
+    return partial if fn is None else fn(partial)
 
 
 def site_mean(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
