@@ -50,7 +50,7 @@ def test_schedules_from_config(option, cls):
 
 
 @pytest.mark.parametrize("option, cls", [("reverse_kl", losses.ReverseKL), ("path_gradient", losses.PathGradient),
-                                         ("forward_kl", losses.ForwardKL)])
+                                         ("reinforce", losses.Reinforce), ("forward_kl", losses.ForwardKL)])
 def test_losses_from_config(option, cls):
     extra = ["loss.ensemble=some.h5"] if option == "forward_kl" else []
     cfg = composed(f"loss={option}", *extra)
