@@ -180,6 +180,7 @@ def test_resume_takes_the_run_configuration_from_the_checkpoint(tmp_path):
     assert r.returncode == 0 and "lr: 0.001" in load_checkpoint(tmp_path / "run").config
 
 
+@pytest.mark.slow  # sweeps are also run by test_cli.py::test_multirun_sweep
 def test_multirun_sweep(tmp_path):
     r = gaugeflow("-m", *SMALL, "train.steps=2", "theory.beta=1.0,2.0", "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

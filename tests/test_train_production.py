@@ -248,6 +248,7 @@ def test_fsdp_mixed_precision_reduces_gradients_in_float32_by_default(monkeypatc
     assert seen["param_dtype"] is None and seen["reduce_dtype"] is None
 
 
+@pytest.mark.slow  # old-checkpoint compatibility (~16 s): python -m pytest -m slow
 def test_a_run_written_before_resolved_architectures_and_cycles_resumes(tmp_path):
     ok(gaugeflow(*SMALL, "model.hidden=null", "train.stop_after=2", "hydra.run.dir=run", cwd=tmp_path))
     path = load_checkpoint(tmp_path / "run").path

@@ -6,10 +6,13 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # a tool's end-to-end run (~20 s): python -m pytest -m slow
 def test_volume_transfer_reports_ess_against_the_independent_blocks_prediction(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gaugeflow.cli.main", "train", "model=small", "train.steps=3",
                         "lattice.shape=[4,4]", "train.batch_size=8", "train.eval_samples=8", "hydra.run.dir=run"],
