@@ -321,6 +321,13 @@ def test_restore_group_overrides_and_errors(fake_ck, tmp_path):
     cfg = compose("sample", ["theory=su2_2d"])
     with pytest.raises(UsageError, match="checkpoint=.*theory=su2_2d is not on the field space the flow was trained"):
         restore_config(cfg, fake_ck, overrides=["theory=su2_2d"])
+    # a pure-gauge U(1) flow proposes for the Schwinger model (the trivial baseline of fermion flows)
+    cfg = compose("sample", ["theory=schwinger_2d"])
+    merged, _ = restore_config(cfg, fake_ck, overrides=["theory=schwinger_2d"])
+    assert merged.theory._target_ == "gaugeflow.theories.wilson_nf2_theory"
+    cfg = compose("sample", ["theory=qcd_4d_nf2"])
+    with pytest.raises(UsageError, match="theory=qcd_4d_nf2 is not on the field space"):
+        restore_config(cfg, fake_ck, overrides=["theory=qcd_4d_nf2"])
     cfg = compose("sample", ["theory.name=other"])
     with pytest.raises(UsageError, match="theory.name=other differs from the run's theory.name=u1_2d"):
         restore_config(cfg, fake_ck, overrides=["theory.name=other"], mode="resume")

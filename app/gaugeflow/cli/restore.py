@@ -150,6 +150,11 @@ def _show(v) -> str:
     return "null" if v is None else str(v).replace(" ", "")
 
 
+#: theory builders whose configurations are the same fields (gauge links; the group and dimension
+#: are checked beside): a flow trained for one is a proposal for the other
+_SAME_FIELDS = {"gaugeflow.theories.gauge_theory": "links", "gaugeflow.theories.wilson_nf2_theory": "links"}
+
+
 def _check_theory_choice(chosen: DictConfig, saved: DictConfig, trained: str, mode: str, where: str) -> None:
     """A theory preset other than the checkpoint's: an error for ``resume``; for ``target``
     allowed on the same field space (group and dimension)."""
@@ -158,6 +163,8 @@ def _check_theory_choice(chosen: DictConfig, saved: DictConfig, trained: str, mo
         raise UsageError(f"{where}: checkpoint of theory {trained!r}, not {name!r}")
     for k in ("_target_", "group", "dim"):
         a, b = OmegaConf.select(chosen, k, default=None), OmegaConf.select(saved, f"theory.{k}", default=None)
+        if k == "_target_":  # builders of one field space (a pure-gauge flow reweighted by a determinant)
+            a, b = _SAME_FIELDS.get(a, a), _SAME_FIELDS.get(b, b)
         if a != b:
             raise UsageError(f"{where}: theory={name} is not on the field space the flow was trained for "
                              f"(theory.{k}={_show(a)}, the checkpoint's {trained!r} has {_show(b)})")
