@@ -233,20 +233,21 @@ def _listify(v):
     return [_listify(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def _model_builder(node, theory) -> tuple[str, Callable, dict[str, Any]]:
+def _model_builder(node, theory, key: str = "model") -> tuple[str, Callable, dict[str, Any]]:
     """``(_target_, builder, keys)`` of a model node (an older ``kind:`` node upgraded), the keys
-    checked against the builder's signature."""
-    target, keys = spec_of(upgrade_model(_plain(node), theory), "model")
-    fn = locate(target, "model")
-    check_keys(fn, keys, "model", given=MODEL_GIVEN, what=f"model ({target})")
+    checked against the builder's signature; errors name ``key`` (a nested model, e.g. a joint
+    model's ``model.gauge_keys``, names its own)."""
+    target, keys = spec_of(upgrade_model(_plain(node), theory), key)
+    fn = locate(target, key)
+    check_keys(fn, keys, key, given=MODEL_GIVEN, what=f"{key} ({target})")
     return target, fn, keys
 
 
-def resolved_model_spec(node, theory) -> dict:
+def resolved_model_spec(node, theory, key: str = "model") -> dict:
     """The model node in full: ``_target_`` and every key of its builder (given, else the
     builder's default, with ``resolve_keys`` filling what depends on the theory), as checkpoints
     record it. Unknown keys are a :class:`UsageError` naming them."""
-    target, fn, keys = _model_builder(node, theory)
+    target, fn, keys = _model_builder(node, theory, key)
     full = {**defaults_of(fn, given=MODEL_GIVEN), **keys}
     hook = getattr(fn, "resolve_keys", None)
     if hook is not None:
@@ -254,10 +255,10 @@ def resolved_model_spec(node, theory) -> dict:
     return {"_target_": target, **{k: _listify(v) for k, v in full.items()}}
 
 
-def build_model(node, theory, dtype):
+def build_model(node, theory, dtype, key: str = "model"):
     """The flow a model node describes for ``theory``, in ``dtype`` (a builder ``(theory, dtype,
     **keys) -> nn.Module``; docs/extending.md). Raises :class:`UsageError` naming the key."""
-    _, fn, keys = _model_builder(node, theory)
+    _, fn, keys = _model_builder(node, theory, key)
     try:
         return fn(theory, dtype, **keys)
     except (ValueError, TypeError) as err:

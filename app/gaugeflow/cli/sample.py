@@ -254,10 +254,11 @@ def _sample(cfg: DictConfig, ck, where: str, par, dtype: torch.dtype, max_time: 
             if phi is not None:  # a joint model: the joint action S_G + phi^dagger (D^dagger D)^-1 phi
                 parts = theory.action.joint_parts(JointField(x64, phi.to(x64.dtype)))
                 action = (parts["gauge_action"] + parts["pseudofermion_action"]).double()
+            elif fermion:  # the links' marginal S_G - log det(D^dagger D), with its two parts
+                parts = _marginal_parts(theory, x64)
+                action = parts["gauge_action"] - parts["fermion_logdet"]
             else:
-                # the distribution of the links (pseudofermions: the marginal S_G - log det(D^dagger D))
-                action = marginal_action(theory, x64).double()
-                parts = _marginal_parts(theory, x64, action) if fermion else {}
+                action, parts = marginal_action(theory, x64).double(), {}
             values = {"log_q": log_q.double(), "action": action, **{k: v.double() for k, v in parts.items()},
                       **{k: v.double() for k, v in theory.measure(x64, flow_time).items()}}
             if fermion and fermion["measure"]:
@@ -338,10 +339,10 @@ def _fermion_plan(s, theory, model, world: int) -> dict | None:
     return {"joint": joint, "keep": keep, "measure": bool(s.fermion_measurements)}
 
 
-def _marginal_parts(theory, links: torch.Tensor, action: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``gauge_action`` and ``fermion_logdet`` of draws whose marginal ``action`` was computed."""
-    sg = theory.action.gauge_action(links).double()
-    return {"gauge_action": sg, "fermion_logdet": sg - action}
+def _marginal_parts(theory, links: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``gauge_action`` and ``fermion_logdet`` (dense) of draws of a theory with fermions."""
+    act = theory.action
+    return {"gauge_action": act.gauge_action(links).double(), "fermion_logdet": act.fermion_logdet(links).double()}
 
 
 def _gather_rows(par, values: dict[str, torch.Tensor], b: int) -> dict[str, torch.Tensor]:

@@ -79,10 +79,10 @@ def _gauge_default(theory) -> str:
     return legacy_kind(theory.group.name)  # the presets' flow: u1_equivariant or sun_spectral
 
 
-def _gauge_builder(name: str):
-    from gaugeflow.components import locate
-
-    return locate(name if "." in name else f"gaugeflow.flows.models.{name}", "model.gauge")
+def _gauge_node(theory, gauge: str | None, gauge_keys) -> dict:
+    """The links' model node: ``gauge`` a builder of :mod:`gaugeflow.flows.models` or a dotted path."""
+    name = gauge or _gauge_default(theory)
+    return {"_target_": name if "." in name else f"gaugeflow.flows.models.{name}", **dict(gauge_keys or {})}
 
 
 def joint(theory, dtype: torch.dtype = torch.float32, *, gauge: str | None = None, gauge_keys: dict | None = None,
@@ -92,14 +92,14 @@ def joint(theory, dtype: torch.dtype = torch.float32, *, gauge: str | None = Non
     or a dotted path; null: ``u1_equivariant`` for U(1), ``sun_spectral`` for SU(N)) with its keys
     in ``gauge_keys``; ``n_layers``, ``hidden``, ``kernel_size`` shape the conditional pseudofermion
     flow, which starts from ``phi = D^dagger chi``'s hopping structure when ``init_kappa``."""
+    from gaugeflow.components import build_model
     from gaugeflow.flows.pseudofermion import PseudofermionFlow
 
     if not theory.is_gauge or theory.params.get("fermions") != "pseudofermion":
         raise ValueError(f"model=joint samples links and pseudofermions: it needs a theory with "
                          f"theory.fermions=pseudofermion (e.g. theory=schwinger_2d theory.fermions=pseudofermion), "
                          f"not {theory.name} with fermions={theory.params.get('fermions')}")
-    fn = _gauge_builder(gauge or _gauge_default(theory))
-    q_u = fn(theory, dtype, **dict(gauge_keys or {}))
+    q_u = build_model(_gauge_node(theory, gauge, gauge_keys), theory, dtype, key="model.gauge_keys")
     kappa = float(theory.params["kappa"]) if init_kappa else None
     q_phi = PseudofermionFlow(tuple(theory.lattice.shape), theory.group.N, n_layers=int(n_layers),
                               hidden=tuple(int(h) for h in hidden), kernel_size=int(kernel_size), kappa=kappa,
@@ -109,16 +109,13 @@ def joint(theory, dtype: torch.dtype = torch.float32, *, gauge: str | None = Non
 
 def _resolve_joint(theory, keys: dict) -> dict:
     """The links' architecture by name and all its keys, so a checkpoint records the model in full."""
-    from gaugeflow.components import MODEL_GIVEN, check_keys, defaults_of
+    from gaugeflow.components import resolved_model_spec
 
     keys = dict(keys)
     name = keys.get("gauge") or _gauge_default(theory)
-    fn = _gauge_builder(name)
-    given = dict(keys.get("gauge_keys") or {})
-    check_keys(fn, given, "model.gauge_keys", given=MODEL_GIVEN, what=f"model.gauge={name}")
-    full = {**defaults_of(fn, given=MODEL_GIVEN), **given}
-    hook = getattr(fn, "resolve_keys", None)
-    keys.update(gauge=name, gauge_keys=hook(theory, full) if hook is not None else full)
+    spec = resolved_model_spec(_gauge_node(theory, name, keys.get("gauge_keys")), theory, key="model.gauge_keys")
+    spec.pop("_target_")
+    keys.update(gauge=name, gauge_keys=spec)
     return keys
 
 

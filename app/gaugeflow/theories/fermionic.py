@@ -265,11 +265,7 @@ class PseudofermionAction(_FermionicAction):
 
     # -- action and force -------------------------------------------------------------------------
     def fermion_action(self, links: torch.Tensor) -> torch.Tensor:
-        total = None
-        for m in self.monomials:
-            s = m.action(links)
-            total = s if total is None else total + s
-        return total
+        return _summed(m.action(links) for m in self.monomials)
 
     def pseudofermion_action(self, links: torch.Tensor) -> torch.Tensor:
         return self.fermion_action(links)
@@ -278,23 +274,15 @@ class PseudofermionAction(_FermionicAction):
         """:meth:`fermion_action` at the links of the last :meth:`refresh`, without its solves: a
         heat-bath monomial's action there is its noise's ``|eta|^2`` (exactly; the solve would
         reproduce it to the CG tolerance). Valid only until the links move."""
-        total = None
-        for m in self.monomials:
-            s = getattr(m, "refresh_action", None)
-            s = m.action(links) if s is None else s
-            total = s if total is None else total + s
-        return total
+        known = (getattr(m, "refresh_action", None) for m in self.monomials)
+        return _summed(m.action(links) if s is None else s for m, s in zip(self.monomials, known))
 
     def monomial_actions(self, links: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{name: S_k}`` per monomial."""
         return {m.name: m.action(links) for m in self.monomials}
 
     def fermion_force(self, links: torch.Tensor) -> torch.Tensor:
-        total = None
-        for m in self.monomials:
-            f = m.force(links)
-            total = f if total is None else total + f
-        return total
+        return _summed(m.force(links) for m in self.monomials)
 
     def solver_stats(self) -> dict[str, float]:
         for m in self.monomials:
@@ -346,6 +334,14 @@ class StochasticMarginalAction:
         act._count(iters, time.perf_counter() - t0)
         sg = act.gauge(fields)
         return sg - est.to(sg.dtype)
+
+
+def _summed(terms):
+    """The sum of the monomials' terms, in monomial order (no zero tensor to guess a shape for)."""
+    total = None
+    for t in terms:
+        total = t if total is None else total + t
+    return total
 
 
 def dense_unknowns(shape, group_n: int) -> int:
