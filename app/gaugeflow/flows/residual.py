@@ -196,6 +196,30 @@ def _phi_matrix(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(big)[..., :n, n:]
 
 
+
+def plaquette_features_per_plane(n: int) -> int:
+    """Channels of :func:`plaquette_trace_features` per plane: Re, Im of P for U(1); Re tr P^k / N
+    (k < N) for SU(2), whose traces are real; Re and Im for N > 2."""
+    return 2 if n == 1 else (n - 1) * (1 if n == 2 else 2)
+
+
+def plaquette_trace_features(links: torch.Tensor, planes, frozen, n: int) -> torch.Tensor:
+    """Re (and Im where not zero) of ``tr P^k / N``, k = 1 .. max(N-1, 1), of every plane's
+    plaquettes, times that plane's frozen mask: ``(batch, planes * features_per_plane, *L)``. By
+    Newton's identities these power sums (with det P = 1) fix a plaquette's spectrum, i.e. every
+    gauge-invariant property of a single plaquette; the context of spectral and residual couplings."""
+    feats = []
+    for (r, s), mask in zip(planes, frozen):
+        p = plaquette(links, r, s)
+        pk = p
+        for k in range(1, max(n, 2)):
+            t = trace(pk) / n
+            parts = (t.real,) if n == 2 else (t.real, t.imag)
+            feats.extend(f * mask.to(f.dtype) for f in parts)
+            if k < n - 1:
+                pk = pk @ p
+    return torch.stack(feats, dim=1)
+
 class ResidualCoupling(SiteLogDetLayer):
     """One residual (stout-like) layer; see the module docstring.
 
@@ -261,7 +285,7 @@ class ResidualCoupling(SiteLogDetLayer):
     # context -------------------------------------------------------------------------------
     @staticmethod
     def features_per_plane(n: int) -> int:
-        return 2 if n == 1 else (n - 1) * (1 if n == 2 else 2)
+        return plaquette_features_per_plane(n)
 
     @classmethod
     def context_channels(cls, ndim: int, n: int) -> int:
@@ -269,18 +293,7 @@ class ResidualCoupling(SiteLogDetLayer):
 
     def context(self, links: torch.Tensor) -> torch.Tensor:
         """Re (Im) of ``tr P^k / N`` (k < N; U(1): Re, Im P) of the frozen plaquettes, zero elsewhere."""
-        n = self.group.N
-        feats = []
-        for (r, s), frozen in zip(self.planes, self.frozen):
-            p = plaquette(links, r, s)
-            pk = p
-            for k in range(1, max(n, 2)):
-                t = trace(pk) / n
-                parts = (t.real,) if n == 2 else (t.real, t.imag)
-                feats.extend(f * frozen.to(f.dtype) for f in parts)
-                if k < n - 1:
-                    pk = pk @ p
-        return torch.stack(feats, dim=1)
+        return plaquette_trace_features(links, self.planes, self.frozen, self.group.N)
 
     def net_output(self, links: torch.Tensor) -> torch.Tensor:
         """The context network's raw output ``(batch, n_staples, *L)``, from frozen links only: a net with

@@ -124,11 +124,13 @@ from gaugeflow.flows.residual import (
     _path_links,
     _shift_to,
     _staple,
+    plaquette_features_per_plane,
+    plaquette_trace_features,
     staple_paths,
 )
 from gaugeflow.flows.splines import rational_quadratic_spline
 from gaugeflow.groups import SU, Group, get_group
-from gaugeflow.groups.matrix import dagger, trace
+from gaugeflow.groups.matrix import dagger
 from gaugeflow.observables.loops import plaquette
 
 __all__ = [
@@ -484,7 +486,7 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
     @staticmethod
     def features_per_plane(n: int) -> int:
         # tr P^k of SU(2) is real: its imaginary part would be a channel of zeros
-        return (n - 1) * (1 if n == 2 else 2)
+        return plaquette_features_per_plane(n)
 
     @classmethod
     def context_channels(cls, ndim: int, n: int) -> int:
@@ -523,18 +525,7 @@ class SUNPlaquetteCoupling(SiteLogDetLayer):
         By Newton's identities these power sums (with det P = 1) fix the spectrum, i.e. every
         gauge-invariant property of a single plaquette.
         """
-        n = self.group.N
-        feats = []
-        for (r, s), frozen in zip(self.planes, self.frozen):
-            p = plaquette(links, r, s)
-            pk = p
-            for k in range(1, n):
-                t = trace(pk) / n
-                parts = (t.real,) if n == 2 else (t.real, t.imag)
-                feats.extend(f * frozen.to(f.dtype) for f in parts)
-                if k < n - 1:
-                    pk = pk @ p
-        return torch.stack(feats, dim=1)
+        return plaquette_trace_features(links, self.planes, self.frozen, self.group.N)
 
     def net_output(self, links: torch.Tensor) -> torch.Tensor:
         """The context network's output ``(batch, out_channels, *L)``, from frozen links only."""
