@@ -27,3 +27,13 @@ def log_series(m, terms=30):
         ak = ak @ a
         out = out + ((-1) ** (k + 1) / k) * ak
     return out
+
+
+def perturbed(module, scale=0.1, seed=1):
+    """Every parameter moved by ``scale`` times a standard normal (seeded), in place: a
+    zero-initialised (identity) layer is moved off the identity so each test can fail."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module

@@ -23,7 +23,7 @@ from gaugeflow.groups import get_group
 from gaugeflow.groups.matrix import dagger
 from gaugeflow.observables.loops import plaquette
 from gaugeflow.theories.gauge import gauge_transform
-from helpers import haar, log_series
+from helpers import haar, log_series, perturbed
 
 F64 = torch.float64
 
@@ -37,7 +37,7 @@ def make_layer(group, shape, mu=0, nu=1, offsets=(0, 0, 0), scale=0.15, seed=0, 
         torch.manual_seed(seed)
         layer = SUNPlaquetteCoupling.build(mask, g, net, active_loop="learned", loops=loops).to(F64)
     if scale:
-        tsf.randomize(layer, scale, seed)
+        perturbed(layer, scale, seed)
     return layer
 
 
@@ -211,7 +211,7 @@ def test_model_samples_log_prob_and_gauge_invariance_of_log_q():
         theory = gauge_theory(shape, group="su3", beta=2.0)
         torch.manual_seed(0)
         model = sun_spectral(theory, F64, hidden=[4], n_layers=n_layers, active_loop="learned", zero_init=True)
-        tsf.randomize(model, 0.1, 1)
+        perturbed(model, 0.1, 1)
         with torch.no_grad():
             x, log_q = model.sample(4, torch.Generator().manual_seed(1))
             assert (model.log_prob(x) - log_q).abs().max() < 1e-9

@@ -20,7 +20,7 @@ from gaugeflow.flows.masks import gauge_mask
 from gaugeflow.groups import get_group
 from gaugeflow.groups.matrix import dagger
 from gaugeflow.theories.gauge import gauge_transform
-from helpers import haar
+from helpers import haar, perturbed
 
 F64 = torch.float64
 
@@ -124,14 +124,6 @@ def test_zero_init_and_sizes():
         LCNN(2, 3, channels=())
 
 
-def randomized(model, scale=0.1, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
 @pytest.mark.parametrize("arch,group,shape", [("sun_spectral", "su3", [4, 4]), ("sun_spectral", "su2", [2, 2, 2]),
                                               ("residual", "su2", [4, 4]), ("residual", "u1", [4, 4])])
 def test_models_with_lcnn_context_round_trip_with_gauge_invariant_log_q(arch, group, shape):
@@ -145,7 +137,7 @@ def test_models_with_lcnn_context_round_trip_with_gauge_invariant_log_q(arch, gr
     model = getattr(models, arch)(theory, F64, hidden=[4], n_layers=4, context="lcnn", lcnn_channels=[2],
                                   zero_init=True, **keys)
     assert all(isinstance(layer.net, Net) for layer in model.flow.layers)
-    randomized(model, 0.1 if arch == "sun_spectral" else 0.3)
+    perturbed(model, 0.1 if arch == "sun_spectral" else 0.3)
     with torch.no_grad():
         x, log_q = model.sample(3, torch.Generator().manual_seed(1))
         z, _ = model.flow.inverse(x)
@@ -168,7 +160,7 @@ def test_lcnn_coupling_logdet_against_autograd():
     torch.manual_seed(0)
     layer = SUNPlaquetteCoupling.build(mask, "su2", lcnn_factory(2, (2,), 1, (4,), zero_init=True),
                                        active_loop="learned").to(F64)
-    randomized(layer, 0.15, 3)
+    perturbed(layer, 0.15, 3)
     u0 = haar("su2", 1, (4, 4), 4)
     _, site_ld = layer.transform(u0)
     for x in mask.links.nonzero().tolist():

@@ -24,7 +24,7 @@ from gaugeflow.groups import SU, get_group
 from gaugeflow.groups.matrix import dagger
 from gaugeflow.observables.loops import plaquette
 from gaugeflow.theories.gauge import gauge_transform
-from helpers import haar, log_series
+from helpers import haar, log_series, perturbed
 
 F64 = torch.float64
 TWO_PI = 2 * math.pi
@@ -43,16 +43,8 @@ def make_layer(group, shape, mu=0, nu=1, offsets=(0, 0, 0), hidden=(8,), scale=0
             mask, g, lambda a, b: ConvNet(a, b, hidden, ndim=len(shape), zero_init=True)
         ).to(F64)
     if scale:
-        randomize(layer, scale, seed)
+        perturbed(layer, scale, seed)
     return layer
-
-
-def randomize(module, scale, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return module
 
 
 # ------------------------------------------------------------------------------ canonical cell
@@ -378,7 +370,7 @@ def small_model(theory_cfg, shape, n_layers, scale, seed=1, dtype=F64):
         model = theory_flow(theory, n_layers=n_layers, hidden=(8,), zero_init=True, dtype=dtype)
     zero = [p.abs().max().item() for p in model.parameters()]
     assert min(zero) == 0  # zero-initialised output layers: the model starts as the identity
-    randomize(model, scale, seed)
+    perturbed(model, scale, seed)
     assert min(p.abs().max().item() for p in model.parameters()) > 0
     return theory, model
 

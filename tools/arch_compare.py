@@ -30,8 +30,8 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from ess_curve import ess_of_checkpoint, train_seconds  # noqa: E402
-from flow_memory import step as memory_step  # noqa: E402
+from ess_curve import ess_of_checkpoint, train_seconds
+from flow_memory import step as memory_step
 
 
 def architecture(cfg) -> str:
@@ -43,12 +43,11 @@ def architecture(cfg) -> str:
 
 
 def checks(ck: pathlib.Path, n: int, seed: int) -> dict:
-    from omegaconf import OmegaConf
-
     from gaugeflow.cli.build import theory_from_config
     from gaugeflow.cli.restore import restore_model, training_dtype
     from gaugeflow.io.checkpoint import load_checkpoint
     from gaugeflow.theories.gauge import gauge_transform
+    from omegaconf import OmegaConf
 
     c = load_checkpoint(ck)
     cfg = OmegaConf.create(c.config)
