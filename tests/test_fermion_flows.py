@@ -194,6 +194,29 @@ def test_joint_model_trains_samples_and_scores(tmp_path):
     assert "|log q - sampled|" in r.stdout
 
 
+def test_keep_pseudofermion_is_refused_where_no_pseudofermion_is_drawn():
+    """sample.keep_pseudofermion=true needs a theory with fermions, a joint model and one process."""
+    from types import SimpleNamespace
+
+    from gaugeflow.cli.sample import _fermion_plan
+    from gaugeflow.errors import UsageError
+    from gaugeflow.flows.joint import joint
+    from gaugeflow.flows.models import u1_equivariant
+    from gaugeflow.theories import gauge_theory
+
+    theory = _joint_theory()
+    q_joint = joint(theory, torch.float64, gauge_keys={"n_layers": 2, "hidden": [4]}, n_layers=2, hidden=[4])
+    q_links = u1_equivariant(theory, torch.float64, n_layers=2, hidden=[4])
+    keep = SimpleNamespace(keep_pseudofermion=True, fermion_measurements=False)
+    assert _fermion_plan(keep, theory, q_joint, 1) == {"joint": True, "keep": True, "measure": False}
+    with pytest.raises(UsageError, match="this theory has no pseudofermions"):
+        _fermion_plan(keep, gauge_theory([4, 4], "u1", 2.0), q_links, 1)
+    with pytest.raises(UsageError, match="this model draws no pseudofermions"):
+        _fermion_plan(keep, theory, q_links, 1)
+    with pytest.raises(UsageError, match="single-process runs"):
+        _fermion_plan(keep, theory, q_joint, 2)
+
+
 def test_marginal_flow_with_stochastic_logdet_trains(tmp_path):
     """theory.logdet=stochastic: the per-step physics columns stay empty (the value is S_G only), the
     final evaluation uses the exact marginal action."""

@@ -83,8 +83,8 @@ def main() -> None:
         ck = max((run / "checkpoints").glob("step_*.h5"), key=lambda p: int(p.stem.split("_")[1]))
         with open(run / "metrics.csv") as fh:
             per_step = [float(r["seconds_per_step"]) for r in csv.DictReader(fh)]
-        row = {"run": str(run), "step": int(ck.stem.split("_")[1]),
-               "train_seconds": round(train_seconds(run)[max(train_seconds(run))], 1),
+        seconds = train_seconds(run)
+        row = {"run": str(run), "step": int(ck.stem.split("_")[1]), "train_seconds": round(seconds[max(seconds)], 1),
                "seconds_per_step": statistics.median(per_step), **checks(ck, args.check, args.seed)}
         res = ess_of_checkpoint(ck, args.draws, args.seed)
         row.update(ess=res["ess"], draws=res["n"])

@@ -196,7 +196,6 @@ def _phi_matrix(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(big)[..., :n, n:]
 
 
-
 def plaquette_features_per_plane(n: int) -> int:
     """Channels of :func:`plaquette_trace_features` per plane: Re, Im of P for U(1); Re tr P^k / N
     (k < N) for SU(2), whose traces are real; Re and Im for N > 2."""
@@ -219,6 +218,7 @@ def plaquette_trace_features(links: torch.Tensor, planes, frozen, n: int) -> tor
             if k < n - 1:
                 pk = pk @ p
     return torch.stack(feats, dim=1)
+
 
 class ResidualCoupling(SiteLogDetLayer):
     """One residual (stout-like) layer; see the module docstring.
